@@ -1,0 +1,113 @@
+"""The ragged batch: every step (prefill, decode, chunked prefill, mixed, verify) is one of
+these, padded to a `StepShape`.
+
+Host-side, the executor describes each sequence's work as a `SequenceChunk`;
+`build_ragged_batch` lays the chunks out flat, pads, and records which logit row belongs
+to which chunk. Everything here is numpy: building a batch compiles nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from ferrum_jax.batch.buckets import BucketSpec, StepShape
+from ferrum_jax.models.paged_attention import AttentionMetadata
+
+PADDING_SLOT = 0  # slot 0 of the reserved page 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RaggedBatch:
+    """token_ids, positions `[tokens]`; meta (see AttentionMetadata); logits_indices `[rows]`."""
+
+    token_ids: jax.Array
+    positions: jax.Array
+    meta: AttentionMetadata
+    logits_indices: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceChunk:
+    """New tokens of one sequence appended at kv position `kv_offset`.
+
+    positions: RoPE positions of the tokens (normally kv_offset + arange).
+    page_ids: the sequence's pages, covering at least kv_offset + len(token_ids) tokens.
+    logits: "none" | "last" | "all" — which of the chunk's rows produce logits.
+    """
+
+    token_ids: np.ndarray
+    positions: np.ndarray
+    kv_offset: int
+    page_ids: Sequence[int]
+    logits: str
+
+
+def build_ragged_batch(
+    chunks: Sequence[SequenceChunk], spec: BucketSpec, page_size: int
+) -> tuple[RaggedBatch, StepShape, list[np.ndarray]]:
+    """Returns the padded batch, its shape, and per chunk the logit-row indices it owns."""
+    lens = [len(c.token_ids) for c in chunks]
+    total = sum(lens)
+    all_rows = any(c.logits == "all" for c in chunks)
+    shape = spec.shape_for(total, len(chunks), all_rows)
+    t, s = shape.tokens, shape.seqs
+
+    token_ids = np.zeros(t, np.int32)
+    positions = np.zeros(t, np.int32)
+    slot_mapping = np.full(t, PADDING_SLOT, np.int32)
+    cu_q_lens = np.full(s + 1, total, np.int32)
+    kv_lens = np.zeros(s, np.int32)
+    page_table = np.zeros((s, spec.pages_per_seq), np.int32)
+    logits_indices = np.zeros(shape.logit_rows, np.int32)
+    rows_of_chunk: list[np.ndarray] = []
+
+    start, row = 0, 0
+    for i, (c, n) in enumerate(zip(chunks, lens)):
+        end = start + n
+        token_ids[start:end] = c.token_ids
+        positions[start:end] = c.positions
+        pages = np.asarray(c.page_ids, np.int32)
+        kv_pos = c.kv_offset + np.arange(n)
+        slot_mapping[start:end] = pages[kv_pos // page_size] * page_size + kv_pos % page_size
+        cu_q_lens[i] = start
+        kv_lens[i] = c.kv_offset + n
+        page_table[i, : len(pages)] = pages
+        wanted = {"none": np.arange(0), "last": np.arange(end - 1, end), "all": np.arange(start, end)}[c.logits]
+        logits_indices[row : row + len(wanted)] = wanted
+        rows_of_chunk.append(np.arange(row, row + len(wanted)))
+        row += len(wanted)
+        start = end
+    cu_q_lens[len(chunks)] = total
+
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping,
+        cu_q_lens=cu_q_lens,
+        kv_lens=kv_lens,
+        page_table=page_table,
+        num_seqs=np.asarray(len(chunks), np.int32),
+    )
+    batch = RaggedBatch(token_ids=token_ids, positions=positions, meta=meta, logits_indices=logits_indices)
+    return batch, shape, rows_of_chunk
+
+
+def dummy_batch(shape: StepShape, spec: BucketSpec) -> RaggedBatch:
+    """An all-padding batch of `shape` (num_seqs 0): compiles the program, touches only page 0."""
+    t, s = shape.tokens, shape.seqs
+    meta = AttentionMetadata(
+        slot_mapping=np.full(t, PADDING_SLOT, np.int32),
+        cu_q_lens=np.zeros(s + 1, np.int32),
+        kv_lens=np.zeros(s, np.int32),
+        page_table=np.zeros((s, spec.pages_per_seq), np.int32),
+        num_seqs=np.asarray(0, np.int32),
+    )
+    return RaggedBatch(
+        token_ids=np.zeros(t, np.int32),
+        positions=np.zeros(t, np.int32),
+        meta=meta,
+        logits_indices=np.zeros(shape.logit_rows, np.int32),
+    )

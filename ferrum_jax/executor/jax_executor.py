@@ -1,0 +1,614 @@
+"""`JaxModelExecutor`: the imperative wrapper around the pure ragged step.
+
+It owns the parameters, the KV-page pytree, the page allocator and the handles; turns the
+interface's inputs into `SequenceChunk`s; packs them into as few bucketed steps as the
+limits allow; and hands back host numpy logits (slicing on the host compiles nothing, so a
+warmed-up executor never compiles again).
+
+Every method validates its whole input before touching any state, so a bad request is a
+`FerrumError` that leaves all other sequences exactly as they were.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ferrum_jax.batch.buckets import BucketSpec
+from ferrum_jax.batch.ragged import SequenceChunk, build_ragged_batch, dummy_batch
+from ferrum_jax.executor.sequence_table import PagedKvCacheHandle, Sequence, SequenceTable
+from ferrum_jax.interfaces import (
+    AttentionType,
+    BatchModelExecutor,
+    DataType,
+    DecodeInput,
+    DecodeOutput,
+    Device,
+    ExecutorCapabilities,
+    ExecutorMemoryUsage,
+    ExecutorMetrics,
+    ExecutorState,
+    ExecutorStatus,
+    FerrumError,
+    KvCacheHandle,
+    MemoryRequirements,
+    ModelInfo,
+    PrefillInput,
+    PrefillOutput,
+    SpeculativeDecodeOutput,
+    SpeculativeExecutor,
+    UnifiedBatch,
+)
+from ferrum_jax.kv.allocator import PageAllocator
+from ferrum_jax.kv.pages import allocate_kv_pages, kv_bytes_per_token
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.param_tree import state_nbytes
+from ferrum_jax.step.ragged_step import make_ragged_step
+
+ATTENTION_CHOICES = ("auto", "xla", "pallas")
+_ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+_LATENCY_WINDOW = 1024
+
+
+@dataclasses.dataclass
+class _Work:
+    """One sequence's share of a request: tokens to append and which logits come back."""
+
+    seq: Sequence
+    token_ids: np.ndarray
+    positions: np.ndarray
+    logits: str  # "none" | "last" | "all"
+
+
+def default_dtype() -> str:
+    return "bfloat16" if jax.default_backend() in _ACCELERATORS else "float32"
+
+
+def resolve_attention(attention: str) -> str:
+    if attention not in ATTENTION_CHOICES:
+        raise FerrumError.invalid_config(f"attention={attention!r} is not one of {ATTENTION_CHOICES}")
+    on_accelerator = jax.default_backend() in _ACCELERATORS
+    if attention == "auto":
+        return "pallas" if on_accelerator else "xla"
+    if attention == "pallas" and not on_accelerator:
+        return "pallas_interpret"
+    return attention
+
+
+class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        graphdef,
+        state,
+        *,
+        model_id: str,
+        dtype: str,
+        page_size: int = 16,
+        max_batch_size: int = 32,
+        max_sequence_length: int = 2048,
+        num_pages: int | None = None,
+        attention: str = "auto",
+        max_num_batched_tokens: int | None = None,
+        hf_config: dict | None = None,
+    ):
+        if page_size < 1:
+            raise FerrumError.invalid_config(f"page_size={page_size}: must be >= 1")
+        if max_sequence_length < 1:
+            raise FerrumError.invalid_config(f"max_sequence_length={max_sequence_length}: must be >= 1")
+        self.cfg = cfg
+        self.hf_config = hf_config
+        self.dtype = dtype
+        self.page_size = page_size
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        self.attention_impl = resolve_attention(attention)
+        pages_per_seq = -(-max_sequence_length // page_size)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 2048 if jax.default_backend() in _ACCELERATORS else 512
+        self.buckets = BucketSpec(max_num_batched_tokens, max_batch_size, pages_per_seq)
+        if num_pages is None:
+            num_pages = max_batch_size * pages_per_seq + PageAllocator.RESERVED
+        self._graphdef = graphdef
+        self._state = state
+        self._kv = allocate_kv_pages(cfg, num_pages, page_size, jnp.dtype(dtype))
+        self._step = make_ragged_step(graphdef, self.attention_impl)
+        self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length)
+        self._info = ModelInfo(
+            model_id=model_id,
+            model_type=cfg.architecture,
+            num_parameters=cfg.num_parameters(),
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            vocab_size=cfg.vocab_size,
+            max_sequence_length=max_sequence_length,
+            dtype=DataType.from_str(dtype),
+            device=_device(),
+        )
+        self._state_name = ExecutorState.READY
+        self._counts = collections.Counter()
+        self._latencies = {k: collections.deque(maxlen=_LATENCY_WINDOW) for k in ("prefill", "decode")}
+        self._total_ms = collections.Counter()
+        self._tokens_processed = 0
+        self._busy_s = 0.0
+        self._peak_pages = 0
+        self._last_batch = 0
+        self._last_operation: float | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: str | None = None,
+        page_size: int = 16,
+        max_batch_size: int = 32,
+        max_sequence_length: int = 2048,
+        num_pages: int | None = None,
+        attention: str = "auto",
+        tensor_parallel_size: int = 1,
+        max_num_batched_tokens: int | None = None,
+        progress: bool = True,
+    ) -> "JaxModelExecutor":
+        """Loads a HF directory (config.json + safetensors) or a ferrum orbax checkpoint."""
+        from ferrum_jax.executor.loading import load_params
+
+        _check_tensor_parallel(tensor_parallel_size)
+        dtype = dtype or default_dtype()
+        cfg, graphdef, state = load_params(Path(path), dtype, progress=progress)
+        hf_config = json.loads((Path(path) / "config.json").read_text())
+        return cls(
+            cfg,
+            graphdef,
+            state,
+            model_id=Path(path).name,
+            dtype=dtype,
+            page_size=page_size,
+            max_batch_size=max_batch_size,
+            max_sequence_length=max_sequence_length,
+            num_pages=num_pages,
+            attention=attention,
+            max_num_batched_tokens=max_num_batched_tokens,
+            hf_config=hf_config,
+        )
+
+    @classmethod
+    def from_preset(cls, name: str = "tiny", **overrides) -> "JaxModelExecutor":
+        """A preset from `configs/` (the embedded default is "tiny": seeded random weights)."""
+        from ferrum_jax.executor.presets import load_preset
+        from ferrum_jax.models.param_tree import random_model
+
+        preset = load_preset(name)
+        options = {**preset.executor_options, **overrides}
+        _check_tensor_parallel(options.pop("tensor_parallel_size", 1))
+        dtype = options.pop("dtype", None) or default_dtype()
+        graphdef, state = random_model(preset.model, jnp.dtype(dtype), preset.seed)
+        return cls(
+            preset.model, graphdef, state, model_id=name, dtype=dtype, hf_config=preset.hf_config, **options
+        )
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Writes the converted parameters as a ferrum orbax checkpoint that
+        `from_pretrained(path)` restores directly."""
+        from ferrum_jax.models.checkpoint import save_checkpoint
+        from ferrum_jax.models.param_tree import flatten_state
+
+        self._check_live()
+        save_checkpoint(path, flatten_state(self._state), self.hf_config, self.dtype)
+
+    # ------------------------------------------------------------------ interface
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def new_kv_cache(self, cache_id: str | None = None) -> PagedKvCacheHandle:
+        """An empty sequence, e.g. for the first chunk of a unified-batch prefill."""
+        self._check_live()
+        return self._seqs.handle(self._seqs.create(cache_id))
+
+    async def prefill(self, input: PrefillInput) -> PrefillOutput:
+        return (await self.batch_prefill([input]))[0]
+
+    async def batch_prefill(self, inputs: list[PrefillInput]) -> list[PrefillOutput]:
+        """All prompts in as few steps as the token budget allows (ONE when they fit)."""
+        self._check_live()
+        ids = [self._prompt_ids(inp) for inp in inputs]
+        handles = [inp.kv_cache for inp in inputs]
+        existing = [self._seqs.lookup(h) for h in handles if h is not None]
+        if len({s.cache_id for s in existing}) != len(existing):
+            raise FerrumError.invalid_request("the same kv cache appears twice in one batch")
+        fresh = [self._seqs.create() for h in handles if h is None]
+        fresh_iter = iter(fresh)
+        try:
+            seqs = [self._seqs.lookup(h) if h is not None else next(fresh_iter) for h in handles]
+            work = [
+                _Work(seq, tok, self._positions(inp, seq, len(tok)), "all")
+                for inp, seq, tok in zip(inputs, seqs, ids)
+            ]
+            logits = self._execute(work, "prefill")
+        except BaseException:
+            for seq in fresh:
+                self._seqs.release(seq.cache_id)
+            raise
+        return [PrefillOutput(logits=lg[None], kv_cache=self._seqs.handle(seq)) for lg, seq in zip(logits, seqs)]
+
+    async def decode(self, input: DecodeInput) -> DecodeOutput:
+        return (await self.batch_decode([input]))[0]
+
+    async def batch_decode(self, inputs: list[DecodeInput]) -> list[DecodeOutput]:
+        """One token for each sequence, ONE forward (up to max_batch_size sequences)."""
+        self._check_live()
+        seqs = self._distinct([inp.kv_cache for inp in inputs])
+        work = []
+        for inp, seq in zip(inputs, seqs):
+            tok = self._token_ids(inp.input_ids, "DecodeInput.input_ids", exact_len=1)
+            work.append(_Work(seq, tok, self._positions(inp, seq, 1), "last"))
+        logits = self._execute(work, "decode")
+        return [DecodeOutput(logits=lg, kv_cache=self._seqs.handle(seq)) for lg, seq in zip(logits, seqs)]
+
+    async def unified_decode(self, batch: UnifiedBatch) -> list[np.ndarray | None]:
+        """ONE forward over any mix of prefill chunks and decode items.
+
+        Returns `[vocab]` float32 logits for final chunks, None for intermediate ones.
+        """
+        self._check_live()
+        seqs = self._distinct([item.kv_cache for item in batch.items])
+        work = []
+        for item, seq in zip(batch.items, seqs):
+            if item.pos_offset != seq.num_tokens:
+                raise FerrumError.invalid_request(
+                    f"item {item.seq_id!r}: pos_offset={item.pos_offset} but its kv cache holds {seq.num_tokens} tokens"
+                )
+            tok = self._token_ids(np.asarray(item.q_tokens, np.int64)[None], f"item {item.seq_id!r} q_tokens")
+            pos = np.arange(item.pos_offset, item.pos_offset + len(tok), dtype=np.int32)
+            work.append(_Work(seq, tok, pos, "last" if item.is_final_chunk else "none"))
+        self._check_fits_one_step(work)
+        kind = "decode" if all(len(w.token_ids) == 1 for w in work) else "prefill"
+        logits = self._execute(work, kind)
+        return [lg[-1] if item.is_final_chunk else None for lg, item in zip(logits, batch.items)]
+
+    async def forward_verify(self, inputs: list[DecodeInput]) -> list[DecodeOutput]:
+        """ONE forward over every input token; the inputs of one sequence are its consecutive
+        next tokens. Returns one `[1, vocab]` row per input, in input order."""
+        self._check_live()
+        groups: dict[str, list[int]] = {}
+        for i, inp in enumerate(inputs):
+            groups.setdefault(self._seqs.lookup(inp.kv_cache).cache_id, []).append(i)
+        work = []
+        for members in groups.values():
+            seq = self._seqs.lookup(inputs[members[0]].kv_cache)
+            tok = np.concatenate(
+                [self._token_ids(inputs[i].input_ids, "DecodeInput.input_ids", exact_len=1) for i in members]
+            )
+            pos = np.arange(seq.num_tokens, seq.num_tokens + len(tok), dtype=np.int32)
+            work.append(_Work(seq, tok, pos, "all"))
+        self._check_fits_one_step(work)
+        logits = self._execute(work, "decode")
+        out: list[DecodeOutput | None] = [None] * len(inputs)
+        for w, members, lg in zip(work, groups.values(), logits):
+            for row, i in enumerate(members):
+                out[i] = DecodeOutput(logits=lg[row : row + 1], kv_cache=self._seqs.handle(w.seq))
+        return out
+
+    async def speculative_decode(
+        self, input: DecodeInput, draft_tokens: list[int], acceptance_threshold: float
+    ) -> SpeculativeDecodeOutput:
+        """Verifies `draft_tokens` after `input`'s token in one forward.
+
+        A draft equal to the target argmax is accepted; another only if its target
+        probability is >= acceptance_threshold; acceptance stops at the first rejection and
+        the KV is truncated to the accepted prefix. next_logits `[1, vocab]` follow the last
+        accepted token.
+        """
+        self._check_live()
+        seq = self._seqs.lookup(input.kv_cache)
+        first = self._token_ids(input.input_ids, "DecodeInput.input_ids", exact_len=1)
+        drafts = self._token_ids(np.asarray(draft_tokens, np.int64)[None], "draft_tokens", allow_empty=True)
+        start = seq.num_tokens
+        tok = np.concatenate([first, drafts])
+        pos = np.arange(start, start + len(tok), dtype=np.int32)
+        (logits,) = self._execute([_Work(seq, tok, pos, "all")], "decode")
+        accepted = 0
+        for i, d in enumerate(drafts):
+            row = logits[i]
+            if int(np.argmax(row)) != int(d) and _softmax(row)[d] < acceptance_threshold:
+                break
+            accepted += 1
+        self._seqs.truncate(seq, start + 1 + accepted)
+        return SpeculativeDecodeOutput(
+            accepted_tokens=[int(d) for d in drafts[:accepted]],
+            next_logits=logits[accepted : accepted + 1],
+            kv_cache=self._seqs.handle(seq),
+            acceptance_count=accepted,
+        )
+
+    async def truncate_kv(self, kv_cache: KvCacheHandle, new_len: int) -> None:
+        self._check_live()
+        self._seqs.truncate(self._seqs.lookup(kv_cache), int(new_len))
+
+    def release_cache(self, cache_id: str) -> None:
+        self._seqs.release(cache_id)
+
+    def capabilities(self) -> ExecutorCapabilities:
+        mechanisms = [AttentionType.PAGED, AttentionType.FLASH if self.attention_impl != "xla" else None]
+        mechanisms.append(
+            AttentionType.MULTI_HEAD
+            if self.cfg.q_per_kv == 1
+            else AttentionType.MULTI_QUERY
+            if self.cfg.num_kv_heads == 1
+            else AttentionType.GROUPED_QUERY
+        )
+        if any(self.cfg.sliding_windows):
+            mechanisms.append(AttentionType.SLIDING_WINDOW)
+        return ExecutorCapabilities(
+            max_batch_size=self.max_batch_size,
+            max_sequence_length=self.max_sequence_length,
+            attention_mechanisms=[m for m in mechanisms if m is not None],
+            supports_dynamic_batching=True,
+            supports_continuous_batching=True,
+            supports_speculative_decoding=True,
+            supports_tensor_parallelism=False,
+            supports_pipeline_parallelism=False,
+            supported_dtypes=[DataType.FP32, DataType.BF16, DataType.FP16],
+            supported_devices=[_device()],
+            memory_requirements=self.memory_requirements(),
+        )
+
+    def memory_requirements(self) -> MemoryRequirements:
+        """From the real config and dtype. Activation memory per token: the widest live
+        intermediates of one layer (residual + normed + q/k/v + gate/up), in the step dtype."""
+        itemsize = jnp.dtype(self.dtype).itemsize
+        c = self.cfg
+        activation = (2 * c.hidden_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 2 * c.intermediate_size)
+        return MemoryRequirements(
+            parameter_memory=state_nbytes(self._state),
+            activation_memory_per_token=activation * itemsize,
+            kv_cache_memory_per_token=kv_bytes_per_token(c, jnp.dtype(self.dtype)),
+            overhead_memory=self.page_size * kv_bytes_per_token(c, jnp.dtype(self.dtype)) * c.num_layers,
+        )
+
+    def status(self) -> ExecutorStatus:
+        return ExecutorStatus(
+            state=self._state_name,
+            is_ready=self._state_name == ExecutorState.READY,
+            current_batch_size=self._last_batch,
+            prefill_operations=self._counts["prefill"],
+            decode_operations=self._counts["decode"],
+            avg_prefill_time_ms=self._avg_ms("prefill"),
+            avg_decode_time_ms=self._avg_ms("decode"),
+            memory_usage=self._memory_usage(),
+            last_operation=self._last_operation,
+        )
+
+    def metrics(self) -> ExecutorMetrics:
+        usage = self._memory_usage()
+        return ExecutorMetrics(
+            total_operations=self._counts["prefill"] + self._counts["decode"],
+            prefill_operations=self._counts["prefill"],
+            decode_operations=self._counts["decode"],
+            avg_prefill_latency=self._avg_ms("prefill"),
+            avg_decode_latency=self._avg_ms("decode"),
+            p95_prefill_latency=_p95(self._latencies["prefill"]),
+            p95_decode_latency=_p95(self._latencies["decode"]),
+            throughput_tps=self._tokens_processed / self._busy_s if self._busy_s else 0.0,
+            memory_efficiency=usage.used_bytes / usage.allocated_bytes if usage.allocated_bytes else 0.0,
+            batch_utilization=self._last_batch / self.max_batch_size,
+        )
+
+    def optimal_batch_size(self) -> int:
+        return self.max_batch_size
+
+    def supports_batch_size(self, batch_size: int) -> bool:
+        return 1 <= batch_size <= self.max_batch_size
+
+    async def warmup(self) -> None:
+        """Compiles every bucketed step shape, so serving never compiles."""
+        self._check_live()
+        for shape in tqdm(self.buckets.all_shapes(), desc="compiling steps", unit="program"):
+            logits, self._kv = self._step(self._state, self._kv, dummy_batch(shape, self.buckets))
+            jax.block_until_ready(logits)
+
+    def num_step_programs(self) -> int:
+        """How many distinct step programs exist: one per bucketed shape."""
+        return len(self.buckets.all_shapes())
+
+    async def shutdown(self) -> None:
+        self._seqs.release_all()
+        self._kv = None
+        self._state_name = ExecutorState.SHUTDOWN
+
+    # ------------------------------------------------------------------ page accounting
+
+    @property
+    def num_free_pages(self) -> int:
+        return self._seqs.allocator.num_free
+
+    @property
+    def num_used_pages(self) -> int:
+        return self._seqs.allocator.num_used
+
+    @property
+    def num_total_pages(self) -> int:
+        return self._seqs.allocator.total
+
+    @property
+    def num_live_sequences(self) -> int:
+        return len(self._seqs)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_live(self) -> None:
+        if self._state_name == ExecutorState.SHUTDOWN:
+            raise FerrumError.backend("executor is shut down")
+
+    def _token_ids(self, ids, what: str, exact_len: int | None = None, allow_empty: bool = False) -> np.ndarray:
+        """Validates `[1, n]` ids and returns them flat as int32."""
+        arr = np.asarray(ids)
+        if arr.ndim != 2 or arr.shape[0] != 1:
+            raise FerrumError.invalid_request(f"{what} must have shape [1, n] (one sequence), got {list(arr.shape)}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise FerrumError.invalid_request(f"{what} must be integer token ids, got dtype {arr.dtype}")
+        if exact_len is not None and arr.shape[1] != exact_len:
+            raise FerrumError.invalid_request(f"{what} must hold exactly {exact_len} token(s), got {arr.shape[1]}")
+        if arr.shape[1] == 0 and not allow_empty:
+            raise FerrumError.invalid_request(f"{what} is empty")
+        bad = arr[(arr < 0) | (arr >= self.cfg.vocab_size)]
+        if bad.size:
+            raise FerrumError.invalid_request(
+                f"{what}: token id {int(bad[0])} is outside the vocabulary [0, {self.cfg.vocab_size})"
+            )
+        return arr[0].astype(np.int32)
+
+    def _prompt_ids(self, inp: PrefillInput) -> np.ndarray:
+        ids = self._token_ids(inp.input_ids, "PrefillInput.input_ids")
+        if inp.attention_mask is not None:
+            mask = np.asarray(inp.attention_mask)
+            if mask.shape != (1, len(ids)):
+                raise FerrumError.invalid_request(
+                    f"attention_mask shape {list(mask.shape)} does not match input_ids [1, {len(ids)}]"
+                )
+            if not np.all(mask == 1):
+                raise FerrumError.unsupported(
+                    "attention_mask with masked (padding) positions: ragged batches carry no padding, "
+                    "pass only the real tokens"
+                )
+        return ids
+
+    def _positions(self, inp, seq: Sequence, n: int) -> np.ndarray:
+        if getattr(inp, "position_ids", None) is None:
+            return np.arange(seq.num_tokens, seq.num_tokens + n, dtype=np.int32)
+        pos = np.asarray(inp.position_ids)
+        if pos.shape != (1, n):
+            raise FerrumError.invalid_request(f"position_ids shape {list(pos.shape)} does not match input_ids [1, {n}]")
+        if np.any(pos < 0):
+            raise FerrumError.invalid_request(f"position_ids must be >= 0, got {int(pos.min())}")
+        return pos[0].astype(np.int32)
+
+    def _distinct(self, handles: Iterable[KvCacheHandle]) -> list[Sequence]:
+        seqs = [self._seqs.lookup(h) for h in handles]
+        if len({s.cache_id for s in seqs}) != len(seqs):
+            raise FerrumError.invalid_request("the same kv cache appears twice in one batch")
+        return seqs
+
+    def _check_fits_one_step(self, work: list[_Work]) -> None:
+        total = sum(len(w.token_ids) for w in work)
+        if total > self.buckets.max_num_batched_tokens:
+            raise FerrumError.invalid_request(
+                f"{total} tokens in one forward exceeds max_num_batched_tokens={self.buckets.max_num_batched_tokens}"
+            )
+        if len(work) > self.buckets.max_num_seqs:
+            raise FerrumError.invalid_request(
+                f"{len(work)} sequences in one forward exceeds max_batch_size={self.buckets.max_num_seqs}"
+            )
+
+    def _execute(self, work: list[_Work], kind: str) -> list[np.ndarray]:
+        """Runs `work` (validated) in as few steps as the limits allow; per work item the
+        float32 logits `[rows, vocab]` it asked for."""
+        if not work:
+            return []
+        for w in work:
+            self._seqs.check_room(w.seq, len(w.token_ids))
+        self._seqs.reserve([(w.seq, w.seq.num_tokens + len(w.token_ids)) for w in work])
+        t0 = time.perf_counter()
+        pieces: list[list[np.ndarray]] = [[] for _ in work]
+        for step_chunks, owners in self._plan_steps(work):
+            batch, _, rows = build_ragged_batch(step_chunks, self.buckets, self.page_size)
+            logits, self._kv = self._step(self._state, self._kv, batch)
+            host = np.asarray(logits)
+            for owner, r, chunk in zip(owners, rows, step_chunks):
+                pieces[owner].append(host[r])
+                work[owner].seq.num_tokens += len(chunk.token_ids)
+        elapsed = time.perf_counter() - t0
+        self._record(kind, elapsed, sum(len(w.token_ids) for w in work), len(work))
+        return [np.concatenate(p, axis=0) if p else np.zeros((0, self.cfg.vocab_size), np.float32) for p in pieces]
+
+    def _plan_steps(self, work: list[_Work]) -> list[tuple[list[SequenceChunk], list[int]]]:
+        """Packs work into steps of at most max_num_batched_tokens tokens and max_batch_size
+        sequences, splitting long prompts into chunks (chunked prefill). Planned up front:
+        kv offsets come from the lengths before any step runs."""
+        budget, max_seqs = self.buckets.max_num_batched_tokens, self.buckets.max_num_seqs
+        steps: list[tuple[list[SequenceChunk], list[int]]] = []
+        chunks: list[SequenceChunk] = []
+        owners: list[int] = []
+        used = 0
+        for i, w in enumerate(work):
+            done, n, base = 0, len(w.token_ids), w.seq.num_tokens
+            while done < n:
+                if used == budget or len(chunks) == max_seqs:
+                    steps.append((chunks, owners))
+                    chunks, owners, used = [], [], 0
+                take = min(n - done, budget - used)
+                is_last = done + take == n
+                rows = "all" if w.logits == "all" else ("last" if w.logits == "last" and is_last else "none")
+                chunks.append(
+                    SequenceChunk(
+                        token_ids=w.token_ids[done : done + take],
+                        positions=w.positions[done : done + take],
+                        kv_offset=base + done,
+                        page_ids=w.seq.pages,
+                        logits=rows,
+                    )
+                )
+                owners.append(i)
+                used += take
+                done += take
+        if chunks:
+            steps.append((chunks, owners))
+        return steps
+
+    def _record(self, kind: str, seconds: float, tokens: int, batch: int) -> None:
+        self._counts[kind] += 1
+        self._latencies[kind].append(seconds * 1e3)
+        self._total_ms[kind] += seconds * 1e3
+        self._tokens_processed += tokens
+        self._busy_s += seconds
+        self._last_batch = batch
+        self._peak_pages = max(self._peak_pages, self._seqs.allocator.num_used)
+        self._last_operation = time.monotonic()
+
+    def _avg_ms(self, kind: str) -> float:
+        return self._total_ms[kind] / self._counts[kind] if self._counts[kind] else 0.0
+
+    def _memory_usage(self) -> ExecutorMemoryUsage:
+        params = state_nbytes(self._state)
+        per_page = self.page_size * kv_bytes_per_token(self.cfg, jnp.dtype(self.dtype)) * self.cfg.num_layers
+        allocated = params + per_page * self._seqs.allocator.num_pages
+        used = params + per_page * self._seqs.allocator.num_used
+        peak = params + per_page * self._peak_pages
+        return ExecutorMemoryUsage(
+            allocated_bytes=allocated,
+            used_bytes=used,
+            peak_bytes=max(peak, used),
+            utilization_percent=100.0 * used / allocated,
+        )
+
+
+def _check_tensor_parallel(n: int) -> None:
+    if n != 1:
+        raise FerrumError.unsupported(f"tensor_parallel_size={n}: this build runs on one device only (1)")
+
+
+def _device() -> Device:
+    backend = jax.default_backend()
+    return Device.cpu() if backend == "cpu" else Device.tpu(0) if backend == "tpu" else Device.cuda(0)
+
+
+def _softmax(row: np.ndarray) -> np.ndarray:
+    z = np.exp(row - row.max())
+    return z / z.sum()
+
+
+def _p95(samples) -> float:
+    return float(np.percentile(np.asarray(samples), 95)) if samples else 0.0

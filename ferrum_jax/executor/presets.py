@@ -1,0 +1,38 @@
+"""Model presets from `configs/<name>.yaml`: a HF-style model config, a seed for the random
+weights, and executor options. The embedded default `tiny` needs no files beyond this repo."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.models.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    model: ModelConfig
+    hf_config: dict
+    seed: int
+    executor_options: dict
+
+
+def load_preset(name: str) -> Preset:
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if "model" in yaml.safe_load(p.read_text()))
+        raise FerrumError.invalid_config(f"unknown preset {name!r}; known presets: {known}")
+    raw = yaml.safe_load(path.read_text())
+    return Preset(
+        name=name,
+        model=ModelConfig.from_hf_dict(raw["model"]),
+        hf_config=raw["model"],
+        seed=int(raw.get("seed", 0)),
+        executor_options=dict(raw.get("executor", {})),
+    )

@@ -1,0 +1,72 @@
+"""Self-attention over paged KV: q/k/v projections, optional q/k RMSNorm (Qwen3), RoPE,
+KV write, ragged paged attention, output projection.
+
+Weights are stored head-structured (`wq [hidden, q_heads, head_dim]`, `wo [q_heads,
+head_dim, hidden]`) so the einsums name their axes and tensor parallelism can shard the
+head axis directly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.norm import RMSNorm
+from ferrum_jax.models.paged_attention import AttentionMetadata, paged_attention, write_kv
+from ferrum_jax.models.params import bias_param, weight_param
+from ferrum_jax.models.rope import apply_rope
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, sliding_window: int | None, *, dtype, rngs: nnx.Rngs):
+        d, hq, hk, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = hq, hk, hd
+        self.sliding_window = sliding_window
+        self.wq = weight_param(rngs, (d, hq, hd), d, dtype)
+        self.wk = weight_param(rngs, (d, hk, hd), d, dtype)
+        self.wv = weight_param(rngs, (d, hk, hd), d, dtype)
+        self.wo = weight_param(rngs, (hq, hd, d), hq * hd, dtype)
+        self.bq = bias_param((hq, hd), dtype) if cfg.qkv_bias else None
+        self.bk = bias_param((hk, hd), dtype) if cfg.qkv_bias else None
+        self.bv = bias_param((hk, hd), dtype) if cfg.qkv_bias else None
+        self.bo = bias_param((d,), dtype) if cfg.o_bias else None
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype, rngs=rngs) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype, rngs=rngs) if cfg.qk_norm else None
+
+    def __call__(
+        self,
+        x_td: jax.Array,
+        cos_td: jax.Array,
+        sin_td: jax.Array,
+        k_pages: jax.Array,
+        v_pages: jax.Array,
+        meta: AttentionMetadata,
+        impl: str,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`x_td [tokens, hidden]` -> (`[tokens, hidden]`, updated k_pages, v_pages)."""
+        q_tnh = jnp.einsum("td,dnh->tnh", x_td, self.wq[...])
+        k_tkh = jnp.einsum("td,dkh->tkh", x_td, self.wk[...])
+        v_tkh = jnp.einsum("td,dkh->tkh", x_td, self.wv[...])
+        if self.bq is not None:
+            q_tnh, k_tkh, v_tkh = q_tnh + self.bq[...], k_tkh + self.bk[...], v_tkh + self.bv[...]
+        if self.q_norm is not None:
+            q_tnh, k_tkh = self.q_norm(q_tnh), self.k_norm(k_tkh)
+        q_tnh = apply_rope(q_tnh, cos_td, sin_td)
+        k_tkh = apply_rope(k_tkh, cos_td, sin_td)
+        k_pages = write_kv(k_pages, k_tkh, meta.slot_mapping)
+        v_pages = write_kv(v_pages, v_tkh, meta.slot_mapping)
+        attn_tnh = paged_attention(
+            q_tnh,
+            k_pages,
+            v_pages,
+            meta,
+            sm_scale=self.head_dim**-0.5,
+            sliding_window=self.sliding_window,
+            impl=impl,
+        )
+        out_td = jnp.einsum("tnh,nhd->td", attn_tnh, self.wo[...])
+        if self.bo is not None:
+            out_td = out_td + self.bo[...]
+        return out_td, k_pages, v_pages

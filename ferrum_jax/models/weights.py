@@ -1,0 +1,113 @@
+"""HF checkpoint -> parameter pytree, one tensor at a time, through a regex name table.
+
+Every HF tensor name is matched against `_TABLE` (pattern -> our parameter path and the
+layout transform). All problems — missing, unexpected and mis-shaped tensors — are
+collected from the safetensors headers first and reported in ONE error before any data is
+read. Each tensor is then converted on the host and placed on device on its own, so the
+whole model never sits on the host twice.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.models.safetensors_reader import SafetensorsDir
+
+# HF layouts are torch Linear [out, in]; ours are [in, ...heads, head_dim] / [heads, head_dim, out].
+# Each transform: (HF shape expected for our shape, converter HF array -> our array).
+_Transform = tuple[Callable[[tuple], tuple], Callable[[np.ndarray, tuple], np.ndarray]]
+_SAME: _Transform = (lambda s: s, lambda a, s: a)
+_TRANSPOSE: _Transform = (lambda s: s[::-1], lambda a, s: a.T)
+_IN_PROJ: _Transform = (lambda s: (s[1] * s[2], s[0]), lambda a, s: a.T.reshape(s))
+_OUT_PROJ: _Transform = (lambda s: (s[2], s[0] * s[1]), lambda a, s: a.T.reshape(s))
+_HEAD_BIAS: _Transform = (lambda s: (s[0] * s[1],), lambda a, s: a.reshape(s))
+
+_L = r"model\.layers\.(\d+)\."
+_TABLE: list[tuple[str, str, _Transform]] = [
+    (r"model\.embed_tokens\.weight", "embed", _SAME),
+    (r"model\.norm\.weight", "final_norm.weight", _SAME),
+    (r"lm_head\.weight", "lm_head", _TRANSPOSE),
+    (_L + r"input_layernorm\.weight", "layers.{0}.input_norm.weight", _SAME),
+    (_L + r"post_attention_layernorm\.weight", "layers.{0}.post_attn_norm.weight", _SAME),
+    (_L + r"self_attn\.q_proj\.weight", "layers.{0}.attn.wq", _IN_PROJ),
+    (_L + r"self_attn\.k_proj\.weight", "layers.{0}.attn.wk", _IN_PROJ),
+    (_L + r"self_attn\.v_proj\.weight", "layers.{0}.attn.wv", _IN_PROJ),
+    (_L + r"self_attn\.o_proj\.weight", "layers.{0}.attn.wo", _OUT_PROJ),
+    (_L + r"self_attn\.q_proj\.bias", "layers.{0}.attn.bq", _HEAD_BIAS),
+    (_L + r"self_attn\.k_proj\.bias", "layers.{0}.attn.bk", _HEAD_BIAS),
+    (_L + r"self_attn\.v_proj\.bias", "layers.{0}.attn.bv", _HEAD_BIAS),
+    (_L + r"self_attn\.o_proj\.bias", "layers.{0}.attn.bo", _SAME),
+    (_L + r"self_attn\.q_norm\.weight", "layers.{0}.attn.q_norm.weight", _SAME),
+    (_L + r"self_attn\.k_norm\.weight", "layers.{0}.attn.k_norm.weight", _SAME),
+    (_L + r"mlp\.gate_proj\.weight", "layers.{0}.mlp.gate", _TRANSPOSE),
+    (_L + r"mlp\.up_proj\.weight", "layers.{0}.mlp.up", _TRANSPOSE),
+    (_L + r"mlp\.down_proj\.weight", "layers.{0}.mlp.down", _TRANSPOSE),
+    (_L + r"mlp\.gate_proj\.bias", "layers.{0}.mlp.gate_bias", _SAME),
+    (_L + r"mlp\.up_proj\.bias", "layers.{0}.mlp.up_bias", _SAME),
+    (_L + r"mlp\.down_proj\.bias", "layers.{0}.mlp.down_bias", _SAME),
+]
+# Buffers some checkpoints carry that hold nothing we need (RoPE is recomputed from config).
+_IGNORED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
+
+
+def _target(name: str) -> tuple[str, _Transform] | None:
+    for pattern, template, transform in _TABLE:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return template.format(*m.groups()), transform
+    return None
+
+
+def load_hf_params(
+    path,
+    expected: dict[str, jax.ShapeDtypeStruct],
+    shardings: dict[str, jax.sharding.Sharding] | None = None,
+    tied_embeddings: bool = False,
+    progress: bool = True,
+) -> dict[str, jax.Array]:
+    """Reads a HF directory into `{param path: device array}` matching `expected` exactly.
+
+    expected: our flat parameter paths -> abstract shape/dtype (from the model's eval_shape).
+    """
+    ckpt = SafetensorsDir(path)
+    plan: dict[str, tuple[str, _Transform]] = {}
+    unexpected, misshaped, misshaped_targets = [], [], set()
+    for name, entry in ckpt.entries.items():
+        if any(re.fullmatch(p, name) for p in _IGNORED) or (tied_embeddings and name == "lm_head.weight"):
+            continue
+        found = _target(name)
+        if found is None or found[0] not in expected:
+            unexpected.append(name)
+            continue
+        target, transform = found
+        want = tuple(transform[0](tuple(expected[target].shape)))
+        if entry.shape != want:
+            misshaped.append(f"{name}: shape {list(entry.shape)}, expected {list(want)}")
+            misshaped_targets.add(target)
+            continue
+        plan[target] = (name, transform)
+    missing = sorted(set(expected) - set(plan) - misshaped_targets)
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {missing}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {sorted(unexpected)}")
+        if misshaped:
+            parts.append(f"mis-shaped {len(misshaped)}: {misshaped}")
+        raise FerrumError.invalid_config(f"checkpoint {path} does not match the model config; " + "; ".join(parts))
+
+    out = {}
+    for target in tqdm(sorted(plan), desc="loading weights", unit="tensor", disable=not progress):
+        name, transform = plan[target]
+        spec = expected[target]
+        host = np.ascontiguousarray(transform[1](ckpt.read(name), tuple(spec.shape))).astype(spec.dtype)
+        sharding = shardings.get(target) if shardings else None
+        out[target] = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+    return out

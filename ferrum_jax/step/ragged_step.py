@@ -1,0 +1,29 @@
+"""One jitted ragged forward serves prefill, decode, chunked prefill, mixed batches and
+speculative verify: they differ only in the batch metadata.
+
+The KV pages are donated, so XLA updates them in place; the caller must replace its
+reference with the returned pages.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from flax import nnx
+
+from ferrum_jax.batch.ragged import RaggedBatch
+from ferrum_jax.kv.pages import KvPages
+
+
+def make_ragged_step(graphdef: nnx.GraphDef, impl: str) -> Callable:
+    """Returns `step(state, kv, batch) -> (logits [rows, vocab] f32, kv)`, jitted, kv donated."""
+
+    def step(state: nnx.State, kv: KvPages, batch: RaggedBatch):
+        model = nnx.merge(graphdef, state)
+        logits_lv, k, v = model(
+            batch.token_ids, batch.positions, kv.k, kv.v, batch.meta, batch.logits_indices, impl
+        )
+        return logits_lv, KvPages(k=k, v=v)
+
+    return jax.jit(step, donate_argnames=("kv",))
