@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import ferrum_jax as fj
+from ferrum_jax.step.sampling import SamplingRow
 
 VOCAB = 320  # configs/tiny.yaml
 LIMITS = dict(max_batch_size=4, max_sequence_length=128, page_size=8, max_num_batched_tokens=64)
@@ -271,19 +272,19 @@ def test_warmup_compiles_every_bucket_once_and_then_nothing():
             compiles.append(name)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
-    w = fj.JaxModelExecutor.from_preset("tiny", dtype="float32", **LIMITS)
+    w = fj.JaxModelExecutor.from_preset("tiny", dtype="float32", **{**LIMITS, "max_batch_size": 2, "max_num_batched_tokens": 32})
     n_before = len(compiles)
     run(w.warmup())
-    # T buckets 16,32,64 x S buckets 1,2,4 x {per-seq rows, all rows}
-    assert w.num_step_programs() == 3 * 3 * 2
-    assert w._step._cache_size() == w.num_step_programs()
-    assert len(compiles) - n_before == w.num_step_programs()
+    # T buckets 16,32 x S buckets 1,2 x {per-seq rows, all rows}; sampling: per-seq rows only
+    assert w.num_step_programs() == (2 * 2 * 2, 2 * 2)
+    assert (w._step._cache_size(), w._sample_step._cache_size()) == w.num_step_programs()
+    assert len(compiles) - n_before == sum(w.num_step_programs())
 
     rng = np.random.default_rng(13)
     after_warmup = len(compiles)
     live = []
     for _ in range(40):
-        op = rng.integers(0, 5)
+        op = rng.integers(0, 6)
         if op == 0 or len(live) < 2:
             live.append(run(w.prefill(fj.PrefillInput(input_ids=prompt(int(rng.integers(1, 120)), int(rng.integers(1e6)))[None]))).kv_cache)
         elif op == 1:
@@ -292,14 +293,21 @@ def test_warmup_compiles_every_bucket_once_and_then_nothing():
         elif op == 2:
             fresh = w.new_kv_cache()
             items = [fj.UnifiedBatchItem("d", [3], live[-1], live[-1].num_tokens, True),
-                     fj.UnifiedBatchItem("p", prompt(int(rng.integers(1, 40))).tolist(), fresh, 0, bool(rng.integers(2)))]
+                     fj.UnifiedBatchItem("p", prompt(int(rng.integers(1, 31))).tolist(), fresh, 0, bool(rng.integers(2)))]
             run(w.unified_decode(fj.UnifiedBatch(items=items)))
             live.append(fresh)
         elif op == 3:
             h = live[-1]
             run(w.forward_verify([fj.DecodeInput(input_ids=ids(t), kv_cache=h) for t in range(int(rng.integers(1, 6)))]))
-        else:
+        elif op == 4:
             run(w.batch_prefill([fj.PrefillInput(input_ids=prompt(int(rng.integers(1, 30)))[None]) for _ in range(int(rng.integers(1, 5)))]))
+        else:
+            fresh = w.new_kv_cache()
+            items = [fj.UnifiedBatchItem("d", [3], live[-1], live[-1].num_tokens, True),
+                     fj.UnifiedBatchItem("p", prompt(int(rng.integers(1, 20))).tolist(), fresh, 0, True)]
+            rows = [SamplingRow(temperature=0.7, top_p=0.9, seed=5, history=prompt(30)), SamplingRow()]
+            w.sample_unified(items, rows)
+            live.append(fresh)
         while w.num_used_pages > w.num_total_pages // 2 and live:
             w.release_cache(live.pop(0).cache_id)
         for h in list(live):
@@ -307,7 +315,7 @@ def test_warmup_compiles_every_bucket_once_and_then_nothing():
                 w.release_cache(h.cache_id)
                 live.remove(h)
     assert len(compiles) == after_warmup, "a warmed-up executor compiled a new program"
-    assert w._step._cache_size() == w.num_step_programs()
+    assert (w._step._cache_size(), w._sample_step._cache_size()) == w.num_step_programs()
 
 
 def test_status_capabilities_and_memory_from_config(clean):

@@ -47,16 +47,28 @@ from ferrum_jax.interfaces import (
     SpeculativeDecodeOutput,
     SpeculativeExecutor,
     UnifiedBatch,
+    UnifiedBatchItem,
 )
 from ferrum_jax.kv.allocator import PageAllocator
 from ferrum_jax.kv.pages import allocate_kv_pages, kv_bytes_per_token
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.param_tree import state_nbytes
-from ferrum_jax.step.ragged_step import make_ragged_step
+from ferrum_jax.step.ragged_step import make_ragged_step, make_sample_step
+from ferrum_jax.step.sampling import SamplingRow, build_sampling_batch
 
 ATTENTION_CHOICES = ("auto", "xla", "pallas")
 _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 _LATENCY_WINDOW = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledToken:
+    """One token drawn on device, its raw logprob, and the top alternatives `[k]`."""
+
+    token_id: int
+    logprob: float
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
 
 
 @dataclasses.dataclass
@@ -122,6 +134,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._state = state
         self._kv = allocate_kv_pages(cfg, num_pages, page_size, jnp.dtype(dtype))
         self._step = make_ragged_step(graphdef, self.attention_impl)
+        self._sample_step = make_sample_step(graphdef, self.attention_impl)
         self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length)
         self._info = ModelInfo(
             model_id=model_id,
@@ -263,10 +276,62 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
 
         Returns `[vocab]` float32 logits for final chunks, None for intermediate ones.
         """
+        work = self._unified_work(batch.items)
+        kind = "decode" if all(len(w.token_ids) == 1 for w in work) else "prefill"
+        logits = self._execute(work, kind)
+        return [lg[-1] if item.is_final_chunk else None for lg, item in zip(logits, batch.items)]
+
+    def sample_unified(self, items: list[UnifiedBatchItem], rows: list[SamplingRow]) -> list[SampledToken | None]:
+        """The engine's hot path: ONE forward over `items` that samples on device.
+
+        `rows` holds the sampling settings of the final items, in item order. Returns, per
+        item, the sampled token (final items) or None. Synchronous so the engine can run it
+        in a worker thread while its event loop keeps serving.
+        """
+        work = self._unified_work(items)
+        if len(rows) != sum(item.is_final_chunk for item in items):
+            raise FerrumError.internal(f"{len(rows)} sampling rows for {sum(i.is_final_chunk for i in items)} final items")
+        for w in work:
+            self._seqs.check_room(w.seq, len(w.token_ids))
+        self._seqs.reserve([(w.seq, w.seq.num_tokens + len(w.token_ids)) for w in work])
+        t0 = time.perf_counter()
+        ((chunks, _),) = self._plan_steps(work)
+        batch, shape, _ = build_ragged_batch(chunks, self.buckets, self.page_size)
+        sampling = build_sampling_batch(rows, shape.logit_rows, self.max_sequence_length)
+        out, self._kv = self._sample_step(self._state, self._kv, batch, sampling)
+        host = jax.tree.map(np.asarray, out)
+        for w in work:
+            w.seq.num_tokens += len(w.token_ids)
+        kind = "decode" if all(len(w.token_ids) == 1 for w in work) else "prefill"
+        self._record(kind, time.perf_counter() - t0, sum(len(w.token_ids) for w in work), len(work))
+        result, row = [], 0
+        for item in items:
+            if not item.is_final_chunk:
+                result.append(None)
+                continue
+            result.append(
+                SampledToken(
+                    token_id=int(host.token_ids[row]),
+                    logprob=float(host.logprobs[row]),
+                    top_ids=host.top_ids[row],
+                    top_logprobs=host.top_logprobs[row],
+                )
+            )
+            row += 1
+        return result
+
+    def pages_needed(self, kv_cache: KvCacheHandle | None, new_tokens: int) -> int:
+        """Pages a sequence (None: a new one) must gain to hold `new_tokens` more tokens."""
+        if kv_cache is None:
+            return -(-new_tokens // self.page_size)
+        seq = self._seqs.lookup(kv_cache)
+        return self._seqs.pages_needed(seq, seq.num_tokens + new_tokens)
+
+    def _unified_work(self, items: list[UnifiedBatchItem]) -> list[_Work]:
         self._check_live()
-        seqs = self._distinct([item.kv_cache for item in batch.items])
+        seqs = self._distinct([item.kv_cache for item in items])
         work = []
-        for item, seq in zip(batch.items, seqs):
+        for item, seq in zip(items, seqs):
             if item.pos_offset != seq.num_tokens:
                 raise FerrumError.invalid_request(
                     f"item {item.seq_id!r}: pos_offset={item.pos_offset} but its kv cache holds {seq.num_tokens} tokens"
@@ -275,9 +340,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             pos = np.arange(item.pos_offset, item.pos_offset + len(tok), dtype=np.int32)
             work.append(_Work(seq, tok, pos, "last" if item.is_final_chunk else "none"))
         self._check_fits_one_step(work)
-        kind = "decode" if all(len(w.token_ids) == 1 for w in work) else "prefill"
-        logits = self._execute(work, kind)
-        return [lg[-1] if item.is_final_chunk else None for lg, item in zip(logits, batch.items)]
+        return work
 
     async def forward_verify(self, inputs: list[DecodeInput]) -> list[DecodeOutput]:
         """ONE forward over every input token; the inputs of one sequence are its consecutive
@@ -414,15 +477,26 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         return 1 <= batch_size <= self.max_batch_size
 
     async def warmup(self) -> None:
-        """Compiles every bucketed step shape, so serving never compiles."""
+        """Compiles every bucketed step program (logits and sampling), so serving never compiles."""
         self._check_live()
-        for shape in tqdm(self.buckets.all_shapes(), desc="compiling steps", unit="program"):
-            logits, self._kv = self._step(self._state, self._kv, dummy_batch(shape, self.buckets))
-            jax.block_until_ready(logits)
+        shapes = self.buckets.all_shapes()
+        sample_shapes = [s for s in shapes if s.logit_rows == s.seqs]
+        with tqdm(total=len(shapes) + len(sample_shapes), desc="compiling steps", unit="program") as bar:
+            for shape in shapes:
+                logits, self._kv = self._step(self._state, self._kv, dummy_batch(shape, self.buckets))
+                jax.block_until_ready(logits)
+                bar.update()
+            for shape in sample_shapes:
+                sampling = build_sampling_batch([], shape.logit_rows, self.max_sequence_length)
+                out, self._kv = self._sample_step(self._state, self._kv, dummy_batch(shape, self.buckets), sampling)
+                jax.block_until_ready(out)
+                bar.update()
 
-    def num_step_programs(self) -> int:
-        """How many distinct step programs exist: one per bucketed shape."""
-        return len(self.buckets.all_shapes())
+    def num_step_programs(self) -> tuple[int, int]:
+        """(logits programs, sampling programs): one per bucketed shape each; sampling steps
+        always return one row per sequence."""
+        shapes = self.buckets.all_shapes()
+        return len(shapes), sum(s.logit_rows == s.seqs for s in shapes)
 
     async def shutdown(self) -> None:
         self._seqs.release_all()

@@ -29,9 +29,11 @@ class FerrumError(Exception):
 
     kind: ErrorKind = ErrorKind.INTERNAL
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.message = message
+        # The request field at fault, when there is one (OpenAI error objects carry it).
+        self.param = param
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"
@@ -45,8 +47,8 @@ class FerrumError(Exception):
         return UnsupportedError(message)
 
     @staticmethod
-    def invalid_request(message: str) -> "FerrumError":
-        return InvalidRequestError(message)
+    def invalid_request(message: str, param: str | None = None) -> "FerrumError":
+        return InvalidRequestError(message, param)
 
     @staticmethod
     def invalid_config(message: str) -> "FerrumError":

@@ -1,5 +1,6 @@
-"""The functionally pure, jit-compiled step: `(state, kv_pages, batch) -> (logits, kv_pages)`."""
+"""The functionally pure, jit-compiled steps: `(state, kv_pages, batch[, sampling]) -> (out, kv_pages)`."""
 
-from ferrum_jax.step.ragged_step import make_ragged_step
+from ferrum_jax.step.ragged_step import make_ragged_step, make_sample_step
+from ferrum_jax.step.sampling import SampledTokens, SamplingBatch, SamplingRow
 
-__all__ = ["make_ragged_step"]
+__all__ = ["SampledTokens", "SamplingBatch", "SamplingRow", "make_ragged_step", "make_sample_step"]

@@ -1,8 +1,10 @@
 """One jitted ragged forward serves prefill, decode, chunked prefill, mixed batches and
 speculative verify: they differ only in the batch metadata.
 
-The KV pages are donated, so XLA updates them in place; the caller must replace its
-reference with the returned pages.
+Two entry points share the forward: `make_ragged_step` returns logits (the interface
+methods need them), `make_sample_step` samples on device and returns token ids (the
+engine's hot path). The KV pages are donated, so XLA updates them in place; the caller
+must replace its reference with the returned pages.
 """
 
 from __future__ import annotations
@@ -14,16 +16,29 @@ from flax import nnx
 
 from ferrum_jax.batch.ragged import RaggedBatch
 from ferrum_jax.kv.pages import KvPages
+from ferrum_jax.step.sampling import SamplingBatch, sample
+
+
+def _forward(graphdef: nnx.GraphDef, impl: str, state: nnx.State, kv: KvPages, batch: RaggedBatch):
+    model = nnx.merge(graphdef, state)
+    logits_lv, k, v = model(batch.token_ids, batch.positions, kv.k, kv.v, batch.meta, batch.logits_indices, impl)
+    return logits_lv, KvPages(k=k, v=v)
 
 
 def make_ragged_step(graphdef: nnx.GraphDef, impl: str) -> Callable:
-    """Returns `step(state, kv, batch) -> (logits [rows, vocab] f32, kv)`, jitted, kv donated."""
+    """`step(state, kv, batch) -> (logits [rows, vocab] f32, kv)`, jitted, kv donated."""
 
     def step(state: nnx.State, kv: KvPages, batch: RaggedBatch):
-        model = nnx.merge(graphdef, state)
-        logits_lv, k, v = model(
-            batch.token_ids, batch.positions, kv.k, kv.v, batch.meta, batch.logits_indices, impl
-        )
-        return logits_lv, KvPages(k=k, v=v)
+        return _forward(graphdef, impl, state, kv, batch)
+
+    return jax.jit(step, donate_argnames=("kv",))
+
+
+def make_sample_step(graphdef: nnx.GraphDef, impl: str) -> Callable:
+    """`step(state, kv, batch, sampling) -> (SampledTokens [rows], kv)`, jitted, kv donated."""
+
+    def step(state: nnx.State, kv: KvPages, batch: RaggedBatch, sampling: SamplingBatch):
+        logits_lv, kv = _forward(graphdef, impl, state, kv, batch)
+        return sample(logits_lv, sampling), kv
 
     return jax.jit(step, donate_argnames=("kv",))

@@ -1,0 +1,178 @@
+"""On-device sampling: penalties, temperature, top-k / top-p / min-p, seeded draws, logprobs.
+
+Runs inside the jitted step on the `[rows, vocab]` logits, so a decode step sends the host
+token ids and a few logprobs, never the logits. Semantics follow vLLM:
+- repetition_penalty over prompt and generated tokens (divide positive logits, multiply
+  negative), then frequency / presence penalties over generated tokens only;
+- min_tokens: the `banned` ids (eos + stop tokens) get -inf until enough were generated;
+- temperature 0 is greedy (argmax of the penalised logits);
+- top-k, then top-p over the sorted distribution (the most likely token always survives),
+  then min-p relative to the most likely token;
+- the draw is Gumbel-max with a key folded from (request seed, output index), so a seeded
+  request samples the same tokens whatever else shares its batch;
+- returned logprobs are the raw model log-softmax (vLLM's default `raw_logprobs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ferrum_jax.interfaces.errors import FerrumError
+
+NUM_TOP_LOGPROBS = 20
+MAX_BANNED = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRow:
+    """Host-side sampling settings of one sequence for one step.
+
+    history: prompt + generated ids so far; num_prompt of them are the prompt.
+    step: how many tokens this request has generated (keys the seeded draw).
+    banned: ids masked to -inf this step (eos/stop tokens while under min_tokens).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    step: int = 0
+    history: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    num_prompt: int = 0
+    banned: tuple[int, ...] = ()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row arrays `[rows]`; history `[rows, max_sequence_length]` (-1 padded);
+    banned `[rows, MAX_BANNED]` (-1 padded)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    repetition_penalty: jax.Array
+    seed: jax.Array
+    step: jax.Array
+    history: jax.Array
+    num_prompt: jax.Array
+    banned: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampledTokens:
+    """token_ids, logprobs `[rows]`; top_ids, top_logprobs `[rows, min(NUM_TOP_LOGPROBS, vocab)]`."""
+
+    token_ids: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int, history_len: int) -> SamplingBatch:
+    """Pads `rows` to `num_rows` (padding rows are greedy and ignored) as numpy arrays."""
+    def col(name, dtype, default):
+        out = np.full(num_rows, default, dtype)
+        out[: len(rows)] = [getattr(r, name) for r in rows]
+        return out
+
+    history = np.full((num_rows, history_len), -1, np.int32)
+    banned = np.full((num_rows, MAX_BANNED), -1, np.int32)
+    for i, r in enumerate(rows):
+        if len(r.history) > history_len:
+            raise FerrumError.internal(f"sampling history of {len(r.history)} tokens exceeds {history_len}")
+        if len(r.banned) > MAX_BANNED:
+            raise FerrumError.invalid_request(
+                f"{len(r.banned)} eos/stop token ids to suppress under min_tokens, the limit is {MAX_BANNED}",
+                param="stop_token_ids",
+            )
+        history[i, : len(r.history)] = r.history
+        banned[i, : len(r.banned)] = r.banned
+    return SamplingBatch(
+        temperature=col("temperature", np.float32, 0.0),
+        top_k=col("top_k", np.int32, 0),
+        top_p=col("top_p", np.float32, 1.0),
+        min_p=col("min_p", np.float32, 0.0),
+        presence_penalty=col("presence_penalty", np.float32, 0.0),
+        frequency_penalty=col("frequency_penalty", np.float32, 0.0),
+        repetition_penalty=col("repetition_penalty", np.float32, 1.0),
+        seed=col("seed", np.uint32, 0),
+        step=col("step", np.int32, 0),
+        history=history,
+        num_prompt=col("num_prompt", np.int32, 0),
+        banned=banned,
+    )
+
+
+def apply_penalties(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
+    rows, vocab = logits_rv.shape
+    hist = s.history
+    valid = hist >= 0
+    is_output = valid & (jnp.arange(hist.shape[1])[None, :] >= s.num_prompt[:, None])
+    idx = jnp.where(valid, hist, 0)
+    row_idx = jnp.broadcast_to(jnp.arange(rows)[:, None], hist.shape)
+    out_counts = jnp.zeros((rows, vocab), jnp.float32).at[row_idx, idx].add(is_output.astype(jnp.float32))
+    seen = jnp.zeros((rows, vocab), jnp.bool_).at[row_idx, idx].max(valid)
+    rp = s.repetition_penalty[:, None]
+    logits_rv = jnp.where(seen, jnp.where(logits_rv > 0, logits_rv / rp, logits_rv * rp), logits_rv)
+    logits_rv = logits_rv - s.frequency_penalty[:, None] * out_counts
+    logits_rv = logits_rv - s.presence_penalty[:, None] * (out_counts > 0)
+    banned_mask = jnp.zeros((rows, vocab), jnp.bool_).at[
+        jnp.broadcast_to(jnp.arange(rows)[:, None], s.banned.shape), jnp.where(s.banned >= 0, s.banned, 0)
+    ].max(s.banned >= 0)
+    return jnp.where(banned_mask, -jnp.inf, logits_rv)
+
+
+def _filter_sorted(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
+    """top-k then top-p masks, computed on the descending sort of each row."""
+    vocab = logits_rv.shape[1]
+    order = jnp.argsort(-logits_rv, axis=-1)
+    sorted_lv = jnp.take_along_axis(logits_rv, order, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(s.top_k > 0, s.top_k, vocab)[:, None]
+    keep_sorted = rank < k
+    probs = jax.nn.softmax(jnp.where(keep_sorted, sorted_lv, -jnp.inf), axis=-1)
+    # Keep a token while the mass strictly before it is below top_p: the first always stays.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted &= mass_before < s.top_p[:, None]
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits_rv.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits_rv, -jnp.inf)
+
+
+def sample(logits_rv: jax.Array, s: SamplingBatch) -> SampledTokens:
+    """Draws one token per row from float32 logits `[rows, vocab]`."""
+    raw_logprobs = jax.nn.log_softmax(logits_rv, axis=-1)
+    logits_rv = apply_penalties(logits_rv, s)
+    greedy_tokens = jnp.argmax(logits_rv, axis=-1)
+
+    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    scaled = logits_rv / temp
+    needs_sort = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
+    scaled = jax.lax.cond(needs_sort, lambda x: _filter_sorted(x, s), lambda x: x, scaled)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    scaled = jnp.where(probs < s.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, scaled)
+
+    def gumbel(seed, step):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        return jax.random.gumbel(key, (logits_rv.shape[1],), jnp.float32)
+
+    noise = jax.vmap(gumbel)(s.seed, s.step)
+    drawn = jnp.argmax(scaled + noise, axis=-1)
+    tokens = jnp.where(s.temperature > 0, drawn, greedy_tokens).astype(jnp.int32)
+
+    top_lp, top_ids = jax.lax.top_k(raw_logprobs, min(NUM_TOP_LOGPROBS, logits_rv.shape[1]))
+    chosen_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    return SampledTokens(token_ids=tokens, logprobs=chosen_lp, top_ids=top_ids.astype(jnp.int32), top_logprobs=top_lp)
