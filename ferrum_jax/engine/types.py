@@ -86,13 +86,16 @@ class RequestOutput:
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """max_num_seqs / max_num_batched_tokens: the per-iteration caps (vLLM's names);
-    max_waiting: requests queued beyond which new ones are refused (resource_exhausted)."""
+    """max_num_seqs / max_num_batched_tokens: the per-iteration caps (vLLM's names), at most
+    the executor's own limits (None: the executor's); max_waiting: requests queued beyond
+    which new ones are refused (resource_exhausted); eos_token_ids: () means the model
+    config's; seed: draws the seeds of requests that bring none."""
 
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     max_waiting: int = 256
     eos_token_ids: tuple[int, ...] = ()
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,274 @@
+"""The continuous-batching engine: one async loop that schedules, runs one unified ragged
+step (sampling on device) in a worker thread, and streams each request's new tokens.
+
+Only the loop touches the executor, so there are no locks: `add_request` and `abort`
+just enqueue and wake the loop. The step itself runs off the event loop, so HTTP handlers
+keep being served while the accelerator works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import numpy as np
+
+from ferrum_jax.engine.request import Request, RequestState
+from ferrum_jax.engine.scheduler import Scheduler
+from ferrum_jax.engine.stream import RequestStream
+from ferrum_jax.engine.types import EngineConfig, EngineStats, RequestOutput, SamplingParams, TokenLogprob
+from ferrum_jax.interfaces import FerrumError, UnifiedBatchItem
+from ferrum_jax.step.sampling import MAX_BANNED, SamplingRow
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, executor, config: EngineConfig = EngineConfig()):
+        self.executor = executor
+        self.config = config
+        max_seqs = min(config.max_num_seqs or executor.max_batch_size, executor.max_batch_size)
+        max_tokens = min(
+            config.max_num_batched_tokens or executor.buckets.max_num_batched_tokens,
+            executor.buckets.max_num_batched_tokens,
+        )
+        self.scheduler = Scheduler(executor, max_seqs, max_tokens)
+        eos = config.eos_token_ids or executor.cfg.eos_token_id or ()
+        self.eos_token_ids = frozenset((eos,) if isinstance(eos, int) else eos)
+        self._requests: dict[str, Request] = {}
+        self._aborts: set[str] = set()
+        self._wake = asyncio.Event()
+        self._seeds = random.Random(config.seed)
+        self._task: asyncio.Task | None = None
+        self._accepting = True
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    # ------------------------------------------------------------------ public
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="ferrum-engine")
+
+    @property
+    def is_alive(self) -> bool:
+        return self._task is not None and not self._task.done() and self._dead is None
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queues a request; raises at once if it is refused (full queue, can never fit)."""
+        if not self.is_alive:
+            raise FerrumError.backend("the engine loop is not running")
+        if not self._accepting:
+            raise FerrumError.resource_exhausted("the server is shutting down and accepts no new requests")
+        if request_id in self._requests:
+            raise FerrumError.invalid_request(f"request id {request_id!r} is already in flight")
+        prompt = [int(t) for t in prompt_token_ids]
+        self._validate_prompt(prompt, params)
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise FerrumError.resource_exhausted(
+                f"{len(self.scheduler.waiting)} requests are waiting, the limit is max_waiting={self.config.max_waiting}"
+            )
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
+        req = Request(request_id=request_id, prompt_ids=prompt, params=params, seed=seed & 0xFFFFFFFF)
+        self._requests[request_id] = req
+        self.scheduler.waiting.append(req)
+        self.prompt_tokens += len(prompt)
+        self._wake.set()
+        return RequestStream(self, req)
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self._requests:
+            self._aborts.add(request_id)
+            self._wake.set()
+
+    def stats(self) -> EngineStats:
+        ex = self.executor
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=ex.num_used_pages / ex.num_total_pages,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuses new requests, lets in-flight ones finish (up to timeout_s), then stops."""
+        self._accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._requests and self.is_alive and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Aborts everything and ends the loop once its current step is done (a step in the
+        worker thread cannot be interrupted, and pages must not be freed under it)."""
+        self._accepting = False
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._aborts.update(self._requests)
+        self._process_aborts()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._process_aborts()
+                if not self.scheduler.running and not self.scheduler.waiting:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                step = self.scheduler.schedule()
+                if not step.work:
+                    # Nothing fits this iteration (pages held by requests being aborted):
+                    # yield so aborts and new requests are seen.
+                    await asyncio.sleep(0.001)
+                    continue
+                await self._run_step(step.work)
+        except Exception as e:  # a bug in the loop itself: fail everything, stay dead
+            log.exception("engine loop died")
+            self._dead = e
+            for req in list(self._requests.values()):
+                self._finish(req, "error", error=FerrumError.internal(f"engine loop died: {e!r}"))
+            raise
+
+    async def _run_step(self, work: list[tuple[Request, int]]) -> None:
+        items, rows = [], []
+        for req, n in work:
+            final = req.num_computed + n == req.num_tokens
+            items.append(
+                UnifiedBatchItem(
+                    seq_id=req.request_id,
+                    q_tokens=req.all_ids[req.num_computed : req.num_computed + n],
+                    kv_cache=req.handle,
+                    pos_offset=req.num_computed,
+                    is_final_chunk=final,
+                )
+            )
+            if final:
+                rows.append(self._sampling_row(req))
+        try:
+            sampled = await asyncio.to_thread(self.executor.sample_unified, items, rows)
+        except FerrumError as e:
+            log.warning("step failed for %d requests: %s", len(work), e)
+            for req, _ in work:
+                self._finish(req, "error", error=e)
+            return
+        for (req, n), tok in zip(work, sampled):
+            req.num_computed += n
+            if tok is not None and not req.aborted:
+                self._append_token(req, tok)
+
+    def _sampling_row(self, req: Request) -> SamplingRow:
+        p = req.params
+        banned = ()
+        if len(req.output_ids) < p.min_tokens:
+            banned = tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)))
+        return SamplingRow(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
+            seed=req.seed,
+            step=len(req.output_ids),
+            history=np.asarray(req.all_ids, np.int32),
+            num_prompt=len(req.prompt_ids),
+            banned=banned,
+        )
+
+    def _append_token(self, req: Request, tok) -> None:
+        token = tok.token_id
+        req.output_ids.append(token)
+        self.generation_tokens += 1
+        p = req.params
+        logprobs = None
+        if p.logprobs is not None:
+            top = tuple((int(i), float(v)) for i, v in zip(tok.top_ids[: p.logprobs], tok.top_logprobs[: p.logprobs]))
+            logprobs = (TokenLogprob(token_id=token, logprob=tok.logprob, top=top),)
+        reason, stop_token = None, None
+        if len(req.output_ids) >= p.min_tokens and (
+            token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)
+        ):
+            reason, stop_token = "stop", token
+        elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.executor.max_sequence_length:
+            reason = "length"
+        req.emit(
+            RequestOutput(
+                request_id=req.request_id,
+                new_token_ids=(token,),
+                new_logprobs=logprobs,
+                num_prompt_tokens=len(req.prompt_ids),
+                num_output_tokens=len(req.output_ids),
+                finished=reason is not None,
+                finish_reason=reason,
+                stop_token_id=stop_token,
+            )
+        )
+        if reason is not None:
+            self._retire(req)
+
+    def _process_aborts(self) -> None:
+        while self._aborts:
+            req = self._requests.get(self._aborts.pop())
+            if req is not None:
+                req.aborted = True
+                self._finish(req, "abort")
+
+    def _finish(self, req: Request, reason: str, error: FerrumError | None = None) -> None:
+        """Ends a request that did not stop by itself: a final empty delta."""
+        if req.state is RequestState.FINISHED:
+            return
+        req.emit(
+            RequestOutput(
+                request_id=req.request_id,
+                new_token_ids=(),
+                new_logprobs=None,
+                num_prompt_tokens=len(req.prompt_ids),
+                num_output_tokens=len(req.output_ids),
+                finished=True,
+                finish_reason=reason,
+                error=error,
+            )
+        )
+        self._retire(req)
+
+    def _retire(self, req: Request) -> None:
+        self.scheduler.remove(req)
+        self._requests.pop(req.request_id, None)
+
+    def _validate_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+        ex = self.executor
+        if not prompt:
+            raise FerrumError.invalid_request("the prompt is empty", param="prompt")
+        vocab = ex.cfg.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise FerrumError.invalid_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
+        if len(prompt) >= ex.max_sequence_length:
+            raise FerrumError.invalid_request(
+                f"the prompt has {len(prompt)} tokens, leaving no room to generate within "
+                f"max_model_len={ex.max_sequence_length}",
+                param="prompt",
+            )
+        peak = min(len(prompt) + params.max_tokens, ex.max_sequence_length)
+        if ex.pages_needed(None, peak) > ex.num_total_pages:
+            raise FerrumError.invalid_request(
+                f"a request of up to {peak} tokens needs {ex.pages_needed(None, peak)} KV pages, "
+                f"the pool holds {ex.num_total_pages}",
+                param="max_tokens",
+            )
+        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        if params.min_tokens and len(banned) > MAX_BANNED:
+            raise FerrumError.invalid_request(
+                f"min_tokens with {len(banned)} stop/eos token ids, the limit is {MAX_BANNED}", param="stop_token_ids"
+            )

@@ -1,0 +1,47 @@
+"""A request's life inside the engine: its tokens, its KV handle, its output queue."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+
+from ferrum_jax.engine.types import RequestOutput, SamplingParams
+from ferrum_jax.interfaces.kv_handle import KvCacheHandle
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    handle: KvCacheHandle | None = None
+    # Tokens of prompt + output whose K/V are in the cache. After a preemption it drops to
+    # 0 and the request is recomputed from prompt + the output it already produced.
+    num_computed: int = 0
+    state: RequestState = RequestState.WAITING
+    aborted: bool = False
+    queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    def emit(self, out: RequestOutput) -> None:
+        self.queue.put_nowait(out)

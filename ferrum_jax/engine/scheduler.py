@@ -1,0 +1,91 @@
+"""Continuous-batching scheduler (vLLM-style, chunked prefill).
+
+Every iteration: running requests first, oldest first — a decoding request takes one
+token, a request still in prefill takes the next chunk that fits the token budget — then
+waiting requests are admitted FIFO while the budget, the sequence cap and the free pages
+allow. When a running request needs a page and none is free, the newest running request
+is preempted: its pages are freed and it goes back to the front of the queue, keeping
+what it generated, to be recomputed later.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from ferrum_jax.engine.request import Request, RequestState
+
+
+@dataclasses.dataclass
+class ScheduledStep:
+    work: list[tuple[Request, int]]  # (request, tokens to compute this step)
+    preempted: list[Request]
+
+
+class Scheduler:
+    def __init__(self, executor, max_num_seqs: int, max_num_batched_tokens: int):
+        self.executor = executor
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def schedule(self) -> ScheduledStep:
+        budget = self.max_num_batched_tokens
+        free = self.executor.num_free_pages
+        work: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+        for req in list(self.running):
+            if req.state is not RequestState.RUNNING:
+                continue  # preempted earlier in this loop
+            if budget == 0 or len(work) == self.max_num_seqs:
+                break
+            n = min(req.num_uncomputed, budget)
+            need = self.executor.pages_needed(req.handle, n)
+            while need > free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                free = self.executor.num_free_pages
+                if victim is req:
+                    break
+            if req.state is not RequestState.RUNNING:
+                continue
+            free -= need
+            budget -= n
+            work.append((req, n))
+        while self.waiting and not preempted and budget > 0 and len(work) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_uncomputed, budget)
+            need = self.executor.pages_needed(None, n)
+            if need > free:
+                break
+            self.waiting.popleft()
+            req.handle = self.executor.new_kv_cache(f"req-{req.request_id}")
+            req.state = RequestState.RUNNING
+            self.running.append(req)
+            free -= need
+            budget -= n
+            work.append((req, n))
+        return ScheduledStep(work=work, preempted=preempted)
+
+    def _preempt(self, req: Request) -> None:
+        self.executor.release_cache(req.handle.cache_id)
+        req.handle = None
+        req.num_computed = 0
+        req.state = RequestState.WAITING
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def remove(self, req: Request) -> None:
+        """Drops a finished or aborted request wherever it is, freeing its pages."""
+        if req.handle is not None:
+            self.executor.release_cache(req.handle.cache_id)
+            req.handle = None
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.state = RequestState.FINISHED
