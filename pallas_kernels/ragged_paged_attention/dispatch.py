@@ -1,11 +1,45 @@
 """Backend selection for ragged paged attention.
 
-backend="auto" picks the XLA reference on every platform for now; "reference" forces it.
+backend:
+  "auto"       the Mosaic kernel on TPU, the Triton kernel on GPU, the jnp reference on CPU. With
+               interpret=True on CPU it runs the TPU kernel in the TPU interpreter instead, since
+               that interpreter simulates DMAs and semaphores faithfully.
+  "tpu"        the Mosaic kernel (tpu_kernel.py); interpret=True uses the TPU interpreter with
+               race detection.
+  "gpu"        the Triton kernel (gpu_kernel.py); interpret=True uses the Pallas interpreter.
+  "reference"  the jnp reference (reference.py), the XLA path; interpret is irrelevant.
+
+Block sizes are performance hints, so a kernel ignores the ones it has no use for (the TPU
+kernel has no kv_splits, the reference has none); names outside BLOCK_SIZE_NAMES are an error.
 """
 
-from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+import jax
 
-BACKENDS = ("auto", "reference")
+from pallas_kernels.ragged_paged_attention.gpu_kernel import ragged_paged_attention_gpu
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention.tpu_kernel import ragged_paged_attention_tpu
+
+BACKENDS = ("auto", "tpu", "gpu", "reference")
+BLOCK_SIZE_NAMES = ("queries_per_block", "pages_per_block", "kv_splits")
+_KERNEL_BLOCK_SIZES = {
+    "tpu": ("queries_per_block", "pages_per_block"),
+    "gpu": ("queries_per_block", "pages_per_block", "kv_splits"),
+    "reference": (),
+}
+
+
+def resolve_backend(backend, interpret):
+  """Concrete backend name for a requested one on the current default platform."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+  if backend != "auto":
+    return backend
+  platform = jax.default_backend()
+  if platform == "tpu":
+    return "tpu"
+  if platform == "gpu":
+    return "gpu"
+  return "tpu" if interpret else "reference"
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
@@ -15,12 +49,19 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
 
   q [tokens, num_q_heads, head_dim]; k_pages/v_pages [num_kv_heads, num_pages, page_size,
   head_dim]; kv_lens [seqs]; page_indices [seqs, pages_per_seq]; cu_q_lens [seqs + 1]; num_seqs
-  a scalar int32 array. Returns [tokens, num_q_heads, head_dim] in q's dtype. Semantics are those
-  of pallas_kernels.ragged_paged_attention.reference.
+  a scalar int32 array. Returns [tokens, num_q_heads, head_dim] in q's dtype. The semantics are
+  documented in pallas_kernels.ragged_paged_attention.reference.
   """
-  if backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-  del interpret, block_sizes
-  return ragged_paged_attention_reference(
-      q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-      sliding_window=sliding_window, soft_cap=soft_cap)
+  unknown = sorted(set(block_sizes) - set(BLOCK_SIZE_NAMES))
+  if unknown:
+    raise ValueError(f"block sizes {unknown} are not among {BLOCK_SIZE_NAMES}")
+  chosen = resolve_backend(backend, interpret)
+  kwargs = {name: value for name, value in block_sizes.items()
+            if name in _KERNEL_BLOCK_SIZES[chosen]}
+  args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+  options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+  if chosen == "tpu":
+    return ragged_paged_attention_tpu(*args, **options, interpret=interpret, **kwargs)
+  if chosen == "gpu":
+    return ragged_paged_attention_gpu(*args, **options, interpret=interpret, **kwargs)
+  return ragged_paged_attention_reference(*args, **options)

@@ -27,12 +27,14 @@ class Batch:
 
 
 def make_batch(rng, lens, *, num_tokens, num_seqs_max, page_size, pages_per_seq, num_q_heads,
-               num_kv_heads, head_dim, dtype, spare_pages=3):
+               num_kv_heads, head_dim, dtype):
   """Build a batch from (q_len, kv_len) pairs, one per live sequence.
 
   Pages are handed out from a shuffled pool so page tables are non-contiguous; table entries
   past a sequence's length and rows of padding sequences hold random in-range page ids, which
-  the contract allows, so kernels that wrongly read them produce wrong answers.
+  the contract allows, so kernels that wrongly read them produce wrong answers. The cache always
+  holds num_seqs_max * pages_per_seq pages, so every batch of one config has the same shapes and
+  reuses one compilation.
   """
   num_live = len(lens)
   assert num_live <= num_seqs_max
@@ -41,7 +43,7 @@ def make_batch(rng, lens, *, num_tokens, num_seqs_max, page_size, pages_per_seq,
   assert np.all(q_lens <= kv_lens) and q_lens.sum() <= num_tokens
   assert np.all(kv_lens <= pages_per_seq * page_size)
   used_pages = -(-kv_lens // page_size)
-  num_pages = int(used_pages.sum()) + spare_pages
+  num_pages = num_seqs_max * pages_per_seq
   pool = rng.permutation(num_pages)
   page_indices = rng.integers(0, num_pages, (num_seqs_max, pages_per_seq)).astype(np.int32)
   offset = 0

@@ -1,12 +1,14 @@
 """The jnp reference against a naive per-sequence numpy loop."""
 
+import functools
+
 import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
-from .cases import CASES, DEFAULT_CONFIG
+from .cases import CASES, DEFAULT_CONFIG, OPTIONS, random_lens
 from .ragged_batches import make_batch, naive_attention
 
 # float32: the reference accumulates in float32 over <= 48 kv positions, so ~1e-6 error.
@@ -15,10 +17,15 @@ from .ragged_batches import make_batch, naive_attention
 TOLERANCE = {"float32": 2e-5, "bfloat16": 1e-2}
 
 
+@functools.cache
+def _compiled(options):
+  return jax.jit(lambda *a, sm_scale: ragged_paged_attention_reference(
+      *a, sm_scale=sm_scale, **dict(options)), static_argnames="sm_scale")
+
+
 def _check(batch, dtype, **options):
   sm_scale = batch.q.shape[-1] ** -0.5
-  out = jax.jit(lambda *a: ragged_paged_attention_reference(*a, sm_scale=sm_scale, **options))(
-      *batch.args)
+  out = _compiled(tuple(sorted(options.items())))(*batch.args, sm_scale=sm_scale)
   assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
   out = np.asarray(out, np.float64)
   expected = naive_attention(batch, sm_scale=sm_scale, **options)
@@ -37,8 +44,7 @@ def test_cases(name):
   _check(batch, config["dtype"])
 
 
-@pytest.mark.parametrize("options", [dict(sliding_window=5), dict(soft_cap=2.0),
-                                     dict(sliding_window=9, soft_cap=1.5)])
+@pytest.mark.parametrize("options", [*OPTIONS.values(), dict(soft_cap=2.0)])
 def test_sliding_window_and_soft_cap(options):
   lens, _ = CASES["mixed"]
   batch = make_batch(np.random.default_rng(1), lens, **DEFAULT_CONFIG)
@@ -48,12 +54,7 @@ def test_sliding_window_and_soft_cap(options):
 def test_random_batches():
   rng = np.random.default_rng(2)
   for _ in range(4):
-    num_live = int(rng.integers(1, 6))
-    lens = []
-    for _ in range(num_live):
-      kv_len = int(rng.integers(1, 48))
-      lens.append((int(rng.integers(1, min(kv_len, 6) + 1)), kv_len))
-    batch = make_batch(rng, lens, **DEFAULT_CONFIG)
+    batch = make_batch(rng, random_lens(rng, **DEFAULT_CONFIG), **DEFAULT_CONFIG)
     _check(batch, "float32")
 
 
