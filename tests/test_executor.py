@@ -264,7 +264,15 @@ def test_pages_exhausted_is_resource_exhausted_without_leaks():
     assert np.isfinite(d.logits).all()
 
 
-def test_warmup_compiles_every_bucket_once_and_then_nothing():
+@pytest.fixture
+def no_persistent_cache():
+    """The persistent cache would turn compiles into cache hits and hide what is counted."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)
+
+
+def test_warmup_compiles_every_bucket_once_and_then_nothing(no_persistent_cache):
     compiles = []
 
     def listener(name, _duration, **_):
