@@ -194,8 +194,11 @@ def _kernel(kv_lens_ref, pages_ref, cu_q_lens_ref, seq_lo_ref, seq_hi_ref,
     m_ref[...] = m_next
 
     kv_pos_kd = blk * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0)
-    v_kd = v_buf[slot]
-    v_kd = jnp.where(kv_pos_kd < p["kv_end"], v_kd, jnp.zeros_like(v_kd))
+    # Selects run in float32: older TPUs have no bf16 VPU, so a bf16 select would be unpacked
+    # anyway. Zeroing unfetched rows matters because 0 * stale-NaN is NaN.
+    v_buf_kd = v_buf[slot]
+    v_kd = jnp.where(kv_pos_kd < p["kv_end"], v_buf_kd.astype(jnp.float32), 0.0)
+    v_kd = v_kd.astype(v_buf_kd.dtype)
     pv_rd = lax.dot_general(p_rk.astype(v_kd.dtype), v_kd, (((1,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32)
     acc_ref[...] = acc_ref[...] * alpha[:, :1] + pv_rd
@@ -205,7 +208,8 @@ def _kernel(kv_lens_ref, pages_ref, cu_q_lens_ref, seq_lo_ref, seq_hi_ref,
     out_rd = acc_ref[...] / jnp.where(l > 0, l, 1.0)
     tok_rd = block_start + row_tok_rd
     in_seq_rd = (tok_rd >= p["first_tok"]) & (tok_rd < p["end_tok"])
-    o_ref[...] = jnp.where(in_seq_rd, out_rd.astype(o_ref.dtype), o_ref[...])
+    kept_rd = o_ref[...].astype(jnp.float32)
+    o_ref[...] = jnp.where(in_seq_rd, out_rd, kept_rd).astype(o_ref.dtype)
 
   o_ref[...] = jnp.zeros_like(o_ref)
   s0, blk0 = first_nonempty(seq_lo)

@@ -40,7 +40,7 @@ def _args():
     (dict(backend="cuda"), "backend='cuda'"),
     (dict(block_q=8), "block_q"),
     (dict(backend="tpu", queries_per_block=12), "queries_per_block=12"),
-    (dict(backend="tpu", pages_per_block=3), r"pages_per_block=3 must be in \[1, pages_per_seq=2\]"),
+    (dict(backend="tpu", pages_per_block=3), r"pages_per_block=3 must be in \[1, pages_per_seq=2"),
     (dict(backend="gpu", queries_per_block=2), "queries_per_block=2"),
     (dict(backend="gpu", pages_per_block=3), "pages_per_block=3"),
     (dict(backend="gpu", kv_splits=0), "kv_splits=0"),

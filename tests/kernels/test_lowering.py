@@ -12,10 +12,11 @@ from jax import export
 
 from pallas_kernels import ragged_paged_attention
 
-NUM_SEQS_MAX, PAGES_PER_SEQ, PAGE_SIZE, NUM_PAGES = 8, 16, 16, 64
+# Deliberately not powers of two: only Triton tiles must be, not whole arrays.
+NUM_SEQS_MAX, PAGES_PER_SEQ, PAGE_SIZE, NUM_PAGES = 6, 12, 16, 50
 
 
-def _specs(dtype, num_tokens=64, num_q_heads=8, num_kv_heads=2, head_dim=128):
+def _specs(dtype, num_tokens=40, num_q_heads=8, num_kv_heads=2, head_dim=128):
   return (jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype),
           jax.ShapeDtypeStruct((num_kv_heads, NUM_PAGES, PAGE_SIZE, head_dim), dtype),
           jax.ShapeDtypeStruct((num_kv_heads, NUM_PAGES, PAGE_SIZE, head_dim), dtype),

@@ -58,6 +58,12 @@ def test_random_batches():
     _check(batch, "float32")
 
 
+def test_bucket_larger_than_one_chunk():
+  config = {**DEFAULT_CONFIG, "num_tokens": 150, "num_seqs_max": 8, "pages_per_seq": 8}
+  lens = [(40, 60), (1, 33), (64, 64), (0, 0), (21, 50), (1, 1)]
+  _check(make_batch(np.random.default_rng(4), lens, **config), "float32")
+
+
 def test_dynamic_num_seqs_reuses_compilation():
   lens, _ = CASES["mixed"]
   batch = make_batch(np.random.default_rng(3), lens, **DEFAULT_CONFIG)
