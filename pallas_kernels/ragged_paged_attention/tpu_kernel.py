@@ -102,7 +102,8 @@ def _kernel(kv_lens_ref, pages_ref, cu_q_lens_ref, seq_lo_ref, seq_hi_ref,
     """Scalar bounds of sequence s inside this query block.
 
     Divisions are lax.div (truncating): operands are non-negative wherever the result is used,
-    and jnp's floor division lowers through sign(), which needs a TPU to be present to lower.
+    and jnp's floor division lowers through sign(), whose Mosaic lowering queries the TPU
+    generation and so cannot be cross-lowered without a TPU.
     """
     s = jnp.minimum(s, num_seqs_max - 1)
     q_start = cu_q_lens_ref[s]
@@ -119,7 +120,7 @@ def _kernel(kv_lens_ref, pages_ref, cu_q_lens_ref, seq_lo_ref, seq_hi_ref,
     blk_end = lax.div(kv_end + block_kv - 1, block_kv)
     blk_end = jnp.where((end_tok > first_tok) & (blk_end > blk_begin), blk_end, blk_begin)
     return dict(first_tok=first_tok, end_tok=end_tok, pos_offset=pos_offset, kv_end=kv_end,
-                kv_len=kv_len, blk_begin=blk_begin, blk_end=blk_end, seq=s)
+                blk_begin=blk_begin, blk_end=blk_end, seq=s)
 
   def first_nonempty(s):
     def has_no_work(s):

@@ -5,8 +5,6 @@ DEFAULT_CONFIG. Shapes are tiny because the TPU interpreter costs milliseconds p
 and configs are few because every distinct config (or static option) is a fresh compilation.
 """
 
-import numpy as np
-
 DEFAULT_CONFIG = dict(num_tokens=32, num_seqs_max=6, page_size=8, pages_per_seq=6,
                       num_q_heads=4, num_kv_heads=2, head_dim=64, dtype="float32")
 
