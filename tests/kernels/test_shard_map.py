@@ -1,7 +1,7 @@
 """The kernels inside shard_map, the way tensor parallelism calls them (kv heads on axis 0).
 
-shard_map must be given check_vma=False around these pallas_calls. A one-device mesh checks that
-the call composes without needing fake CPU devices.
+shard_map must be given check_vma=False around these pallas_calls. The mesh is two-way when the
+suite provides fake CPU devices (tests/conftest.py does) and one-way otherwise.
 """
 
 import numpy as np
@@ -20,7 +20,8 @@ SPECS = (P(None, "tp"), P("tp"), P("tp"), P(), P(), P(), P())
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_inside_shard_map(backend):
   batch = make_batch(np.random.default_rng(0), MIXED, **DEFAULT_CONFIG)
-  mesh = jax.make_mesh((1,), ("tp",))
+  num_shards = min(2, len(jax.devices()), DEFAULT_CONFIG["num_kv_heads"])
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:num_shards]), ("tp",))
   args = [jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip(batch.args, SPECS)]
   sharded = jax.shard_map(
       lambda *a: ragged_paged_attention(*a, sm_scale=0.125, backend=backend, interpret=True),
