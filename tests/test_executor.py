@@ -264,6 +264,10 @@ def test_pages_exhausted_is_resource_exhausted_without_leaks():
     assert np.isfinite(d.logits).all()
 
 
+def programs(w):
+    return w._step._cache_size(), w._sample_step._cache_size(), w._distribution._cache_size()
+
+
 @pytest.fixture
 def no_persistent_cache():
     """The persistent cache would turn compiles into cache hits and hide what is counted."""
@@ -283,9 +287,10 @@ def test_warmup_compiles_every_bucket_once_and_then_nothing(no_persistent_cache)
     w = fj.JaxModelExecutor.from_preset("tiny", dtype="float32", **{**LIMITS, "max_batch_size": 2, "max_num_batched_tokens": 32})
     n_before = len(compiles)
     run(w.warmup())
-    # T buckets 16,32 x S buckets 1,2 x {per-seq rows, all rows}; sampling: per-seq rows only
-    assert w.num_step_programs() == (2 * 2 * 2, 2 * 2)
-    assert (w._step._cache_size(), w._sample_step._cache_size()) == w.num_step_programs()
+    # T buckets 16,32 x S buckets 1,2 x {per-seq rows, all rows}; sampling: per-seq rows only;
+    # distributions: one per T bucket
+    assert w.num_step_programs() == (2 * 2 * 2, 2 * 2, 2)
+    assert programs(w) == w.num_step_programs()
     assert len(compiles) - n_before == sum(w.num_step_programs())
 
     rng = np.random.default_rng(13)
@@ -316,6 +321,8 @@ def test_warmup_compiles_every_bucket_once_and_then_nothing(no_persistent_cache)
             rows = [SamplingRow(temperature=0.7, top_p=0.9, seed=5, history=prompt(30)), SamplingRow()]
             w.sample_unified(items, rows)
             live.append(fresh)
+            n = int(rng.integers(1, 33))
+            w.distribution(np.zeros((n, VOCAB), np.float32), [SamplingRow(temperature=0.5)] * n)
         while w.num_used_pages > w.num_total_pages // 2 and live:
             w.release_cache(live.pop(0).cache_id)
         for h in list(live):
@@ -323,7 +330,7 @@ def test_warmup_compiles_every_bucket_once_and_then_nothing(no_persistent_cache)
                 w.release_cache(h.cache_id)
                 live.remove(h)
     assert len(compiles) == after_warmup, "a warmed-up executor compiled a new program"
-    assert (w._step._cache_size(), w._sample_step._cache_size()) == w.num_step_programs()
+    assert programs(w) == w.num_step_programs()
 
 
 def test_status_capabilities_and_memory_from_config(clean):

@@ -9,31 +9,47 @@ keep being served while the accelerator works.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 
 import numpy as np
 
+from ferrum_jax.engine.drafter import Drafter
+from ferrum_jax.engine.rejection import accept_drafts
 from ferrum_jax.engine.request import Request, RequestState
 from ferrum_jax.engine.scheduler import Scheduler
 from ferrum_jax.engine.stream import RequestStream
 from ferrum_jax.engine.types import EngineConfig, EngineStats, RequestOutput, SamplingParams, TokenLogprob
 from ferrum_jax.interfaces import FerrumError, UnifiedBatchItem
-from ferrum_jax.step.sampling import MAX_BANNED, SamplingRow
+from ferrum_jax.executor.jax_executor import SampledToken
+from ferrum_jax.step.sampling import MAX_BANNED, NUM_TOP_LOGPROBS, SamplingRow
 
 log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, executor, config: EngineConfig = EngineConfig()):
+    def __init__(self, executor, config: EngineConfig = EngineConfig(), drafter: Drafter | None = None):
+        """drafter: proposes speculative tokens when config.num_speculative_tokens > 0."""
+        if config.num_speculative_tokens and drafter is None:
+            raise FerrumError.invalid_config(
+                f"num_speculative_tokens={config.num_speculative_tokens} needs a drafter (n-gram or draft model)"
+            )
         self.executor = executor
         self.config = config
+        self.drafter = drafter if config.num_speculative_tokens else None
         max_seqs = min(config.max_num_seqs or executor.max_batch_size, executor.max_batch_size)
         max_tokens = min(
             config.max_num_batched_tokens or executor.buckets.max_num_batched_tokens,
             executor.buckets.max_num_batched_tokens,
         )
-        self.scheduler = Scheduler(executor, max_seqs, max_tokens)
+        self.scheduler = Scheduler(
+            executor,
+            max_seqs,
+            max_tokens,
+            lookahead=config.num_speculative_tokens,
+            on_release=self.drafter.release if self.drafter else None,
+        )
         eos = config.eos_token_ids or executor.cfg.eos_token_id or ()
         self.eos_token_ids = frozenset((eos,) if isinstance(eos, int) else eos)
         self._requests: dict[str, Request] = {}
@@ -46,6 +62,7 @@ class Engine:
         self._dead: BaseException | None = None
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.spec_counts = {"draft": 0, "accepted": 0, "steps": 0}
 
     # ------------------------------------------------------------------ public
 
@@ -93,6 +110,9 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            spec_draft_tokens=self.spec_counts["draft"],
+            spec_accepted_tokens=self.spec_counts["accepted"],
+            spec_verify_steps=self.spec_counts["steps"],
         )
 
     async def drain(self, timeout_s: float) -> None:
@@ -131,7 +151,15 @@ class Engine:
                     # yield so aborts and new requests are seen.
                     await asyncio.sleep(0.001)
                     continue
-                await self._run_step(step.work)
+                if self.drafter is None:
+                    await self._run_step(step.work)
+                    continue
+                decoding = [(r, n) for r, n in step.work if r.num_uncomputed == 1]
+                others = [(r, n) for r, n in step.work if r.num_uncomputed != 1]
+                if decoding:
+                    await self._run_spec_step([r for r, _ in decoding])
+                if others:
+                    await self._run_step(others)
         except Exception as e:  # a bug in the loop itself: fail everything, stay dead
             log.exception("engine loop died")
             self._dead = e
@@ -166,10 +194,58 @@ class Engine:
             if tok is not None and not req.aborted:
                 self._append_token(req, tok)
 
-    def _sampling_row(self, req: Request) -> SamplingRow:
+    async def _run_spec_step(self, reqs: list[Request]) -> None:
+        """Drafts for every decoding request, ONE verify forward over all of them, exact
+        rejection sampling, KV truncated to what was accepted."""
+        ex, max_len = self.executor, self.executor.max_sequence_length
+        ks = [
+            max(0, min(r.spec_budget, r.params.max_tokens - len(r.output_ids) - 1, max_len - r.num_tokens))
+            for r in reqs
+        ]
+
+        def verify():
+            drafts = self.drafter.propose(reqs, ks, self._sampling_row)
+            drafts = [dataclasses.replace(d, tokens=d.tokens[:k]) for d, k in zip(drafts, ks)]
+            items = [(r.handle, [r.all_ids[-1]] + d.tokens) for r, d in zip(reqs, drafts)]
+            logits = ex.extend(items, "all")
+            rows = [self._sampling_row(r, d.tokens[:j]) for r, d in zip(reqs, drafts) for j in range(len(d.tokens) + 1)]
+            return drafts, logits, ex.distribution(np.concatenate(logits), rows)
+
+        try:
+            drafts, logits, probs = await asyncio.to_thread(verify)
+        except FerrumError as e:
+            log.warning("speculative step failed for %d requests: %s", len(reqs), e)
+            for req in reqs:
+                self._finish(req, "error", error=e)
+            return
+        offset = 0
+        for req, d, lg in zip(reqs, drafts, logits):
+            m = len(d.tokens) + 1
+            p_rows, offset = probs[offset : offset + m], offset + m
+            if req.aborted:
+                continue
+            rng = np.random.default_rng([req.seed, len(req.output_ids), 0x5EC])
+            q_rows = None if d.probs is None else d.probs[: len(d.tokens)]
+            accepted, nxt = accept_drafts(p_rows, d.tokens, q_rows, rng)
+            before = req.num_tokens
+            ex.truncate(req.handle, before + accepted)
+            self.drafter.accepted(req, len(d.tokens), accepted)
+            req.num_computed = before + accepted
+            if d.tokens:
+                self.spec_counts["draft"] += len(d.tokens)
+                self.spec_counts["accepted"] += accepted
+                self.spec_counts["steps"] += 1
+            for token, row in zip(d.tokens[:accepted] + [nxt], lg):
+                self._append_token(req, host_sampled(token, row))
+                if req.state is RequestState.FINISHED:
+                    break
+
+    def _sampling_row(self, req: Request, extra: list[int] = ()) -> SamplingRow:
+        """Sampling settings for the position after req.all_ids + extra."""
         p = req.params
+        produced = len(req.output_ids) + len(extra)
         banned = ()
-        if len(req.output_ids) < p.min_tokens:
+        if produced < p.min_tokens:
             banned = tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)))
         return SamplingRow(
             temperature=p.temperature,
@@ -180,8 +256,8 @@ class Engine:
             frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty,
             seed=req.seed,
-            step=len(req.output_ids),
-            history=np.asarray(req.all_ids, np.int32),
+            step=produced,
+            history=np.asarray(req.all_ids + list(extra), np.int32),
             num_prompt=len(req.prompt_ids),
             banned=banned,
         )
@@ -272,3 +348,13 @@ class Engine:
             raise FerrumError.invalid_request(
                 f"min_tokens with {len(banned)} stop/eos token ids, the limit is {MAX_BANNED}", param="stop_token_ids"
             )
+
+
+def host_sampled(token: int, logits_v: np.ndarray) -> SampledToken:
+    """A token chosen on the host (speculative path) with its raw logprobs, shaped like the
+    device sampler's output."""
+    shifted = logits_v.astype(np.float64) - logits_v.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    k = min(NUM_TOP_LOGPROBS, len(logprobs))
+    top = np.argsort(-logprobs, kind="stable")[:k]
+    return SampledToken(token_id=token, logprob=float(logprobs[token]), top_ids=top, top_logprobs=logprobs[top])

@@ -28,6 +28,8 @@ class Request:
     # 0 and the request is recomputed from prompt + the output it already produced.
     num_computed: int = 0
     state: RequestState = RequestState.WAITING
+    # Speculative tokens the scheduler held budget and pages for in this iteration.
+    spec_budget: int = 0
     aborted: bool = False
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
 

@@ -23,8 +23,13 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, executor, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, executor, max_num_seqs: int, max_num_batched_tokens: int, lookahead: int = 0, on_release=None):
+        """lookahead: speculative tokens a decoding request may add beyond its one token
+        (budget and pages are held for them); on_release(request) runs whenever a request
+        gives its pages back (finished, aborted, preempted)."""
         self.executor = executor
+        self.lookahead = lookahead
+        self.on_release = on_release or (lambda req: None)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: collections.deque[Request] = collections.deque()
@@ -42,7 +47,11 @@ class Scheduler:
             if budget == 0 or len(work) == self.max_num_seqs:
                 break
             n = min(req.num_uncomputed, budget)
-            need = self.executor.pages_needed(req.handle, n)
+            charge = n
+            if req.num_uncomputed == 1:
+                room = self.executor.max_sequence_length - req.num_tokens
+                charge = min(1 + min(self.lookahead, max(room, 0)), budget)
+            need = self.executor.pages_needed(req.handle, charge)
             while need > free:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -53,7 +62,8 @@ class Scheduler:
             if req.state is not RequestState.RUNNING:
                 continue
             free -= need
-            budget -= n
+            budget -= charge
+            req.spec_budget = charge - n
             work.append((req, n))
         while self.waiting and not preempted and budget > 0 and len(work) < self.max_num_seqs:
             req = self.waiting[0]
@@ -72,6 +82,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.executor.release_cache(req.handle.cache_id)
+        self.on_release(req)
         req.handle = None
         req.num_computed = 0
         req.state = RequestState.WAITING
@@ -84,6 +95,7 @@ class Scheduler:
         if req.handle is not None:
             self.executor.release_cache(req.handle.cache_id)
             req.handle = None
+        self.on_release(req)
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:

@@ -96,6 +96,9 @@ class EngineConfig:
     max_waiting: int = 256
     eos_token_ids: tuple[int, ...] = ()
     seed: int = 0
+    # Speculative decoding: draft tokens verified per decoding request and step (0: off;
+    # needs a drafter passed to the Engine).
+    num_speculative_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,3 +109,11 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int  # totals since start
     generation_tokens: int
+    spec_draft_tokens: int = 0  # drafts proposed and verified
+    spec_accepted_tokens: int = 0
+    spec_verify_steps: int = 0  # (request, step) pairs that verified drafts
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verify (accepted drafts + the one target token), vLLM's metric."""
+        return 1 + self.spec_accepted_tokens / self.spec_verify_steps if self.spec_verify_steps else 0.0

@@ -54,7 +54,7 @@ from ferrum_jax.kv.pages import allocate_kv_pages, kv_bytes_per_token
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.param_tree import state_nbytes
 from ferrum_jax.step.ragged_step import make_ragged_step, make_sample_step
-from ferrum_jax.step.sampling import SamplingRow, build_sampling_batch
+from ferrum_jax.step.sampling import SamplingRow, build_sampling_batch, sampling_probs
 
 ATTENTION_CHOICES = ("auto", "xla", "pallas")
 _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
@@ -135,6 +135,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._kv = allocate_kv_pages(cfg, num_pages, page_size, jnp.dtype(dtype))
         self._step = make_ragged_step(graphdef, self.attention_impl)
         self._sample_step = make_sample_step(graphdef, self.attention_impl)
+        self._distribution = jax.jit(sampling_probs)
         self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length)
         self._info = ModelInfo(
             model_id=model_id,
@@ -199,18 +200,26 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
 
     @classmethod
     def from_preset(cls, name: str = "tiny", **overrides) -> "JaxModelExecutor":
-        """A preset from `configs/` (the embedded default is "tiny": seeded random weights)."""
+        """A preset from `configs/` (the embedded default is "tiny": seeded random weights).
+        `overrides` replace the preset's executor options; `seed` its weight seed."""
         from ferrum_jax.executor.presets import load_preset
-        from ferrum_jax.models.param_tree import random_model
 
         preset = load_preset(name)
         options = {**preset.executor_options, **overrides}
+        seed = options.pop("seed", preset.seed)
+        return cls.from_config(preset.model, seed=seed, model_id=name, hf_config=preset.hf_config, **options)
+
+    @classmethod
+    def from_config(
+        cls, cfg: ModelConfig, seed: int = 0, model_id: str = "random", hf_config: dict | None = None, **options
+    ) -> "JaxModelExecutor":
+        """A model of `cfg` with seeded random weights (tests, benchmarks, the presets)."""
+        from ferrum_jax.models.param_tree import random_model
+
         _check_tensor_parallel(options.pop("tensor_parallel_size", 1))
         dtype = options.pop("dtype", None) or default_dtype()
-        graphdef, state = random_model(preset.model, jnp.dtype(dtype), preset.seed)
-        return cls(
-            preset.model, graphdef, state, model_id=name, dtype=dtype, hf_config=preset.hf_config, **options
-        )
+        graphdef, state = random_model(cfg, jnp.dtype(dtype), seed)
+        return cls(cfg, graphdef, state, model_id=model_id, dtype=dtype, hf_config=hf_config, **options)
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Writes the converted parameters as a ferrum orbax checkpoint that
@@ -219,6 +228,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         from ferrum_jax.models.param_tree import flatten_state
 
         self._check_live()
+        if self.hf_config is None:
+            raise FerrumError.unsupported("this executor was built from a ModelConfig alone: no HF config.json to save")
         save_checkpoint(path, flatten_state(self._state), self.hf_config, self.dtype)
 
     # ------------------------------------------------------------------ interface
@@ -320,6 +331,29 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             row += 1
         return result
 
+    def extend(self, items: list[tuple[KvCacheHandle, list[int]]], rows: str) -> list[np.ndarray]:
+        """Appends each item's tokens to its sequence, as few forwards as the limits allow
+        (ONE when they fit); per item the float32 logits of its last token (`rows="last"`,
+        `[1, vocab]`) or of every token (`rows="all"`, `[n, vocab]`). Synchronous: the
+        engine's speculative path runs it in its worker thread."""
+        self._check_live()
+        seqs = self._distinct([h for h, _ in items])
+        work = []
+        for (_, tokens), seq in zip(items, seqs):
+            tok = self._token_ids(np.asarray(tokens, np.int64)[None], f"tokens for {seq.cache_id!r}")
+            work.append(_Work(seq, tok, np.arange(seq.num_tokens, seq.num_tokens + len(tok), dtype=np.int32), rows))
+        return self._execute(work, "decode")
+
+    def distribution(self, logits: np.ndarray, rows: list[SamplingRow]) -> np.ndarray:
+        """The exact `[n, vocab]` distribution the sampler would draw each logits row from
+        under `rows` (penalties, temperature, filters; one-hot when greedy)."""
+        n = len(rows)
+        padded_n = self.buckets.token_bucket(n)
+        padded = np.zeros((padded_n, self.cfg.vocab_size), np.float32)
+        padded[:n] = logits
+        sampling = build_sampling_batch(rows, padded_n, self.max_sequence_length)
+        return np.asarray(self._distribution(padded, sampling))[:n]
+
     def pages_needed(self, kv_cache: KvCacheHandle | None, new_tokens: int) -> int:
         """Pages a sequence (None: a new one) must gain to hold `new_tokens` more tokens."""
         if kv_cache is None:
@@ -398,6 +432,10 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         )
 
     async def truncate_kv(self, kv_cache: KvCacheHandle, new_len: int) -> None:
+        self.truncate(kv_cache, new_len)
+
+    def truncate(self, kv_cache: KvCacheHandle, new_len: int) -> None:
+        """`truncate_kv` without the coroutine, for the engine's worker-thread paths."""
         self._check_live()
         self._seqs.truncate(self._seqs.lookup(kv_cache), int(new_len))
 
@@ -481,7 +519,9 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._check_live()
         shapes = self.buckets.all_shapes()
         sample_shapes = [s for s in shapes if s.logit_rows == s.seqs]
-        with tqdm(total=len(shapes) + len(sample_shapes), desc="compiling steps", unit="program") as bar:
+        token_buckets = self.buckets.token_buckets
+        total = len(shapes) + len(sample_shapes) + len(token_buckets)
+        with tqdm(total=total, desc="compiling steps", unit="program") as bar:
             for shape in shapes:
                 logits, self._kv = self._step(self._state, self._kv, dummy_batch(shape, self.buckets))
                 jax.block_until_ready(logits)
@@ -491,12 +531,15 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
                 out, self._kv = self._sample_step(self._state, self._kv, dummy_batch(shape, self.buckets), sampling)
                 jax.block_until_ready(out)
                 bar.update()
+            for n in token_buckets:
+                self.distribution(np.zeros((n, self.cfg.vocab_size), np.float32), [SamplingRow()] * n)
+                bar.update()
 
-    def num_step_programs(self) -> tuple[int, int]:
-        """(logits programs, sampling programs): one per bucketed shape each; sampling steps
-        always return one row per sequence."""
+    def num_step_programs(self) -> tuple[int, int, int]:
+        """(logits steps, sampling steps, distribution programs): one per bucketed shape;
+        sampling steps return one row per sequence; distributions are bucketed by rows."""
         shapes = self.buckets.all_shapes()
-        return len(shapes), sum(s.logit_rows == s.seqs for s in shapes)
+        return len(shapes), sum(s.logit_rows == s.seqs for s in shapes), len(self.buckets.token_buckets)
 
     async def shutdown(self) -> None:
         self._seqs.release_all()

@@ -152,26 +152,38 @@ def _filter_sorted(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
     return jnp.where(keep, logits_rv, -jnp.inf)
 
 
-def sample(logits_rv: jax.Array, s: SamplingBatch) -> SampledTokens:
-    """Draws one token per row from float32 logits `[rows, vocab]`."""
-    raw_logprobs = jax.nn.log_softmax(logits_rv, axis=-1)
+def processed_logits(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
+    """The logits a row actually samples from: penalties, temperature, top-k/top-p, min-p.
+    Greedy rows (temperature 0) keep only their argmax."""
     logits_rv = apply_penalties(logits_rv, s)
-    greedy_tokens = jnp.argmax(logits_rv, axis=-1)
-
+    greedy = jax.nn.one_hot(jnp.argmax(logits_rv, axis=-1), logits_rv.shape[1], dtype=jnp.bool_)
     temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     scaled = logits_rv / temp
     needs_sort = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
     scaled = jax.lax.cond(needs_sort, lambda x: _filter_sorted(x, s), lambda x: x, scaled)
     probs = jax.nn.softmax(scaled, axis=-1)
     scaled = jnp.where(probs < s.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, scaled)
+    return jnp.where((s.temperature > 0)[:, None] | greedy, scaled, -jnp.inf)
+
+
+def sampling_probs(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
+    """`[rows, vocab]` float32: the exact distribution `sample` draws each row from
+    (one-hot for greedy rows). Speculative decoding's rejection sampler needs it."""
+    return jax.nn.softmax(processed_logits(logits_rv, s), axis=-1)
+
+
+def sample(logits_rv: jax.Array, s: SamplingBatch) -> SampledTokens:
+    """Draws one token per row from float32 logits `[rows, vocab]`."""
+    raw_logprobs = jax.nn.log_softmax(logits_rv, axis=-1)
+    final = processed_logits(logits_rv, s)
 
     def gumbel(seed, step):
         key = jax.random.fold_in(jax.random.key(seed), step)
         return jax.random.gumbel(key, (logits_rv.shape[1],), jnp.float32)
 
     noise = jax.vmap(gumbel)(s.seed, s.step)
-    drawn = jnp.argmax(scaled + noise, axis=-1)
-    tokens = jnp.where(s.temperature > 0, drawn, greedy_tokens).astype(jnp.int32)
+    # Greedy rows have one finite logit, so the noise cannot move their argmax.
+    tokens = jnp.argmax(final + noise, axis=-1).astype(jnp.int32)
 
     top_lp, top_ids = jax.lax.top_k(raw_logprobs, min(NUM_TOP_LOGPROBS, logits_rv.shape[1]))
     chosen_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
