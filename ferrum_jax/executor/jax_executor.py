@@ -50,7 +50,11 @@ from ferrum_jax.interfaces import (
     UnifiedBatchItem,
 )
 from ferrum_jax.kv.allocator import PageAllocator
+from jax.sharding import Mesh, NamedSharding
+
 from ferrum_jax.kv.pages import allocate_kv_pages, kv_bytes_per_token
+from ferrum_jax.models.paged_attention import AttentionBackend
+from ferrum_jax.models.sharding import kv_spec, make_mesh
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.param_tree import state_nbytes
 from ferrum_jax.step.ragged_step import make_ragged_step, make_sample_step
@@ -112,7 +116,10 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         attention: str = "auto",
         max_num_batched_tokens: int | None = None,
         hf_config: dict | None = None,
+        mesh: Mesh | None = None,
     ):
+        """`state` must already be placed as `param_shardings(cfg, mesh)` says; the
+        classmethods below do that. mesh None: one device."""
         if page_size < 1:
             raise FerrumError.invalid_config(f"page_size={page_size}: must be >= 1")
         if max_sequence_length < 1:
@@ -132,9 +139,13 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             num_pages = max_batch_size * pages_per_seq + PageAllocator.RESERVED
         self._graphdef = graphdef
         self._state = state
-        self._kv = allocate_kv_pages(cfg, num_pages, page_size, jnp.dtype(dtype))
-        self._step = make_ragged_step(graphdef, self.attention_impl)
-        self._sample_step = make_sample_step(graphdef, self.attention_impl)
+        self.mesh = mesh or make_mesh(1)
+        self.tensor_parallel_size = self.mesh.shape["model"]
+        kv_sharding = NamedSharding(self.mesh, kv_spec(cfg, self.tensor_parallel_size))
+        self._kv = allocate_kv_pages(cfg, num_pages, page_size, jnp.dtype(dtype), kv_sharding)
+        backend = AttentionBackend(self.attention_impl, self.mesh)
+        self._step = make_ragged_step(graphdef, backend)
+        self._sample_step = make_sample_step(graphdef, backend)
         self._distribution = jax.jit(sampling_probs)
         self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length)
         self._info = ModelInfo(
@@ -179,9 +190,9 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         """Loads a HF directory (config.json + safetensors) or a ferrum orbax checkpoint."""
         from ferrum_jax.executor.loading import load_params
 
-        _check_tensor_parallel(tensor_parallel_size)
         dtype = dtype or default_dtype()
-        cfg, graphdef, state = load_params(Path(path), dtype, progress=progress)
+        mesh = make_mesh(tensor_parallel_size)
+        cfg, graphdef, state = load_params(Path(path), dtype, mesh, progress=progress)
         hf_config = json.loads((Path(path) / "config.json").read_text())
         return cls(
             cfg,
@@ -196,6 +207,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             attention=attention,
             max_num_batched_tokens=max_num_batched_tokens,
             hf_config=hf_config,
+            mesh=mesh,
         )
 
     @classmethod
@@ -216,10 +228,10 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         """A model of `cfg` with seeded random weights (tests, benchmarks, the presets)."""
         from ferrum_jax.models.param_tree import random_model
 
-        _check_tensor_parallel(options.pop("tensor_parallel_size", 1))
+        mesh = make_mesh(options.pop("tensor_parallel_size", 1))
         dtype = options.pop("dtype", None) or default_dtype()
-        graphdef, state = random_model(cfg, jnp.dtype(dtype), seed)
-        return cls(cfg, graphdef, state, model_id=model_id, dtype=dtype, hf_config=hf_config, **options)
+        graphdef, state = random_model(cfg, jnp.dtype(dtype), seed, mesh)
+        return cls(cfg, graphdef, state, model_id=model_id, dtype=dtype, hf_config=hf_config, mesh=mesh, **options)
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Writes the converted parameters as a ferrum orbax checkpoint that
@@ -460,7 +472,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             supports_dynamic_batching=True,
             supports_continuous_batching=True,
             supports_speculative_decoding=True,
-            supports_tensor_parallelism=False,
+            supports_tensor_parallelism=True,
             supports_pipeline_parallelism=False,
             supported_dtypes=[DataType.FP32, DataType.BF16, DataType.FP16],
             supported_devices=[_device()],
@@ -710,11 +722,6 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             peak_bytes=max(peak, used),
             utilization_percent=100.0 * used / allocated,
         )
-
-
-def _check_tensor_parallel(n: int) -> None:
-    if n != 1:
-        raise FerrumError.unsupported(f"tensor_parallel_size={n}: this build runs on one device only (1)")
 
 
 def _device() -> Device:

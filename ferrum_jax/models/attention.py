@@ -14,7 +14,7 @@ from flax import nnx
 
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.norm import RMSNorm
-from ferrum_jax.models.paged_attention import AttentionMetadata, paged_attention, write_kv
+from ferrum_jax.models.paged_attention import AttentionBackend, AttentionMetadata, paged_attention, write_kv
 from ferrum_jax.models.params import bias_param, weight_param
 from ferrum_jax.models.rope import apply_rope
 
@@ -43,7 +43,7 @@ class Attention(nnx.Module):
         k_pages: jax.Array,
         v_pages: jax.Array,
         meta: AttentionMetadata,
-        impl: str,
+        backend: AttentionBackend,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`x_td [tokens, hidden]` -> (`[tokens, hidden]`, updated k_pages, v_pages)."""
         q_tnh = jnp.einsum("td,dnh->tnh", x_td, self.wq[...])
@@ -64,7 +64,7 @@ class Attention(nnx.Module):
             meta,
             sm_scale=self.head_dim**-0.5,
             sliding_window=self.sliding_window,
-            impl=impl,
+            backend=backend,
         )
         out_td = jnp.einsum("tnh,nhd->td", attn_tnh, self.wo[...])
         if self.bo is not None:

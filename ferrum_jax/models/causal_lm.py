@@ -17,7 +17,7 @@ from ferrum_jax.models.attention import Attention
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.mlp import MLP
 from ferrum_jax.models.norm import RMSNorm
-from ferrum_jax.models.paged_attention import AttentionMetadata
+from ferrum_jax.models.paged_attention import AttentionBackend, AttentionMetadata
 from ferrum_jax.models.params import weight_param
 from ferrum_jax.models.rope import inverse_frequencies, rope_cos_sin
 
@@ -29,8 +29,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, h_td, cos_td, sin_td, k_pages, v_pages, meta, impl):
-        attn_td, k_pages, v_pages = self.attn(self.input_norm(h_td), cos_td, sin_td, k_pages, v_pages, meta, impl)
+    def __call__(self, h_td, cos_td, sin_td, k_pages, v_pages, meta, backend):
+        attn_td, k_pages, v_pages = self.attn(self.input_norm(h_td), cos_td, sin_td, k_pages, v_pages, meta, backend)
         h_td = h_td + attn_td
         h_td = h_td + self.mlp(self.post_attn_norm(h_td))
         return h_td, k_pages, v_pages
@@ -58,7 +58,7 @@ class CausalLM(nnx.Module):
         v_pages: list[jax.Array],
         meta: AttentionMetadata,
         logits_indices_l: jax.Array,
-        impl: str,
+        backend: AttentionBackend,
     ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
         """Forward over `[tokens]`; returns float32 logits `[rows, vocab]` for `logits_indices_l`.
 
@@ -70,7 +70,7 @@ class CausalLM(nnx.Module):
         cos_td, sin_td = rope_cos_sin(positions_t, self.inv_freq)
         new_k, new_v = [], []
         for layer, k, v in zip(self.layers, k_pages, v_pages):
-            h_td, k, v = layer(h_td, cos_td, sin_td, k, v, meta, impl)
+            h_td, k, v = layer(h_td, cos_td, sin_td, k, v, meta, backend)
             new_k.append(k)
             new_v.append(v)
         h_ld = self.final_norm(jnp.take(h_td, logits_indices_l, axis=0))

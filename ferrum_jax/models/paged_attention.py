@@ -4,9 +4,14 @@ KV page layout (per layer, K and V separately): `[num_kv_heads, num_pages, page_
 head_dim]`, identical to what `pallas_kernels.ragged_paged_attention` reads, so no relayout
 ever happens per step. The leading kv-head axis is the one tensor parallelism shards.
 
-`impl` is resolved by the executor from `attention="auto" | "xla" | "pallas"`:
-`"xla"` is the pure-jnp reference (the CPU default), `"pallas"` the kernel for the current
-backend, `"pallas_interpret"` the kernel in Pallas interpret mode (tests on CPU).
+`AttentionBackend.kind` is resolved by the executor from `attention="auto" | "xla" |
+"pallas"`: `"xla"` is the pure-jnp reference (the CPU default), `"pallas"` the kernel for
+the current backend, `"pallas_interpret"` the kernel in Pallas interpret mode (CPU tests).
+
+Under tensor parallelism the XLA path is partitioned by GSPMD like the rest of the model;
+a Pallas kernel is opaque to GSPMD, so it runs inside `shard_map`, one call per model
+shard on that shard's query heads (and its own KV heads, or the one replicated KV head
+its query heads read).
 """
 
 from __future__ import annotations
@@ -15,10 +20,23 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 
 IMPLS = ("xla", "pallas", "pallas_interpret")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    """Static (hashable) choice of attention implementation, and the mesh for Pallas TP."""
+
+    kind: str
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        if self.kind not in IMPLS:
+            raise ValueError(f"attention impl {self.kind!r} is not one of {IMPLS}")
 
 
 @jax.tree_util.register_dataclass
@@ -55,14 +73,38 @@ def paged_attention(
     *,
     sm_scale: float,
     sliding_window: int | None,
-    impl: str,
+    backend: AttentionBackend,
 ) -> jax.Array:
     """Causal ragged attention of `q_tnh` `[tokens, q_heads, head_dim]` over the pages."""
     args = (q_tnh, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.num_seqs)
-    if impl == "xla":
+    if backend.kind == "xla":
         return ragged_paged_attention_reference(*args, sm_scale=sm_scale, sliding_window=sliding_window)
-    if impl in ("pallas", "pallas_interpret"):
+
+    def kernel(q, k, v, *rest):
         return ragged_paged_attention(
-            *args, sm_scale=sm_scale, sliding_window=sliding_window, interpret=impl == "pallas_interpret"
+            q, k, v, *rest, sm_scale=sm_scale, sliding_window=sliding_window,
+            interpret=backend.kind == "pallas_interpret",
         )
-    raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+
+    mesh = backend.mesh
+    if mesh is None or mesh.shape["model"] == 1:
+        return kernel(*args)
+    tp, num_kv = mesh.shape["model"], k_pages.shape[0]
+    kv_sharded = num_kv % tp == 0
+
+    def shard(q, k, v, *rest):
+        if not kv_sharded:
+            # Replicated KV heads: this shard's query heads all read KV head shard*num_kv//tp.
+            head = jax.lax.axis_index("model") * num_kv // tp
+            k = jax.lax.dynamic_slice_in_dim(k, head, 1, axis=0)
+            v = jax.lax.dynamic_slice_in_dim(v, head, 1, axis=0)
+        return kernel(q, k, v, *rest)
+
+    kv = P("model") if kv_sharded else P()
+    return jax.shard_map(
+        shard,
+        mesh=mesh,
+        in_specs=(P(None, "model"), kv, kv, P(), P(), P(), P()),
+        out_specs=P(None, "model"),
+        check_vma=False,
+    )(*args)

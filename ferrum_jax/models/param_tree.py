@@ -9,9 +9,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from ferrum_jax.models.causal_lm import CausalLM
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.sharding import named, param_specs
 
 
 def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
@@ -20,10 +22,18 @@ def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(model)
 
 
-def random_model(cfg: ModelConfig, dtype, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
-    model = jax.jit(lambda: nnx.split(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))[1])()
-    graphdef, _ = abstract_model(cfg, dtype)
-    return graphdef, model
+def param_shardings(cfg: ModelConfig, mesh: Mesh, abstract_state: nnx.State) -> dict[str, NamedSharding]:
+    """Flat path -> NamedSharding for tensor parallelism over the mesh's "model" axis."""
+    paths = flatten_state(abstract_state)
+    return named(mesh, param_specs(cfg, mesh.shape["model"], paths))
+
+
+def random_model(cfg: ModelConfig, dtype, seed: int, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """Seeded random weights, each parameter created directly in its sharded layout."""
+    graphdef, abstract = abstract_model(cfg, dtype)
+    shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
+    state = jax.jit(lambda: nnx.split(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))[1], out_shardings=shardings)()
+    return graphdef, state
 
 
 def flatten_state(state: nnx.State) -> dict[str, jax.Array]:

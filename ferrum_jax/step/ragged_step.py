@@ -16,29 +16,30 @@ from flax import nnx
 
 from ferrum_jax.batch.ragged import RaggedBatch
 from ferrum_jax.kv.pages import KvPages
+from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.step.sampling import SamplingBatch, sample
 
 
-def _forward(graphdef: nnx.GraphDef, impl: str, state: nnx.State, kv: KvPages, batch: RaggedBatch):
+def _forward(graphdef: nnx.GraphDef, backend: AttentionBackend, state: nnx.State, kv: KvPages, batch: RaggedBatch):
     model = nnx.merge(graphdef, state)
-    logits_lv, k, v = model(batch.token_ids, batch.positions, kv.k, kv.v, batch.meta, batch.logits_indices, impl)
+    logits_lv, k, v = model(batch.token_ids, batch.positions, kv.k, kv.v, batch.meta, batch.logits_indices, backend)
     return logits_lv, KvPages(k=k, v=v)
 
 
-def make_ragged_step(graphdef: nnx.GraphDef, impl: str) -> Callable:
+def make_ragged_step(graphdef: nnx.GraphDef, backend: AttentionBackend) -> Callable:
     """`step(state, kv, batch) -> (logits [rows, vocab] f32, kv)`, jitted, kv donated."""
 
     def step(state: nnx.State, kv: KvPages, batch: RaggedBatch):
-        return _forward(graphdef, impl, state, kv, batch)
+        return _forward(graphdef, backend, state, kv, batch)
 
     return jax.jit(step, donate_argnames=("kv",))
 
 
-def make_sample_step(graphdef: nnx.GraphDef, impl: str) -> Callable:
+def make_sample_step(graphdef: nnx.GraphDef, backend: AttentionBackend) -> Callable:
     """`step(state, kv, batch, sampling) -> (SampledTokens [rows], kv)`, jitted, kv donated."""
 
     def step(state: nnx.State, kv: KvPages, batch: RaggedBatch, sampling: SamplingBatch):
-        logits_lv, kv = _forward(graphdef, impl, state, kv, batch)
+        logits_lv, kv = _forward(graphdef, backend, state, kv, batch)
         return sample(logits_lv, sampling), kv
 
     return jax.jit(step, donate_argnames=("kv",))

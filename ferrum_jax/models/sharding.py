@@ -1,0 +1,93 @@
+"""Megatron-style tensor parallelism as shardings over a `("data", "model")` Mesh.
+
+Column-parallel q/k/v/gate/up (their output axis on "model"), row-parallel o/down (their
+input axis on "model", so XLA adds one all-reduce after attention and one after the MLP),
+embedding and lm_head split over the vocabulary, KV pages split over KV heads. Norms are
+replicated on purpose: they are tiny and every shard needs them whole.
+
+When tensor_parallel_size exceeds the KV-head count (and is a multiple of it), k/v weights
+and the KV pages are replicated on every model shard: each shard computes all KV heads
+for its query heads. The "data" axis (size 1 here) leaves room for replicas.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.models.config import ModelConfig
+
+MESH_AXES = ("data", "model")
+
+
+def make_mesh(tensor_parallel_size: int) -> Mesh:
+    devices = jax.devices()
+    if tensor_parallel_size < 1 or tensor_parallel_size > len(devices):
+        raise FerrumError.invalid_config(
+            f"tensor_parallel_size={tensor_parallel_size}: {len(devices)} {jax.default_backend()} devices are visible"
+        )
+    grid = np.asarray(devices[:tensor_parallel_size]).reshape(1, tensor_parallel_size)
+    return Mesh(grid, MESH_AXES)
+
+
+def kv_heads_sharded(cfg: ModelConfig, tp: int) -> bool:
+    """True if KV heads split over the model axis; False if they are replicated."""
+    if cfg.num_kv_heads % tp == 0:
+        return True
+    if tp % cfg.num_kv_heads == 0:
+        return False
+    raise FerrumError.invalid_config(
+        f"tensor_parallel_size={tp} neither divides nor is a multiple of num_key_value_heads={cfg.num_kv_heads}"
+    )
+
+
+def check_divisible(cfg: ModelConfig, tp: int) -> None:
+    for name, value in [
+        ("num_attention_heads", cfg.num_heads),
+        ("intermediate_size", cfg.intermediate_size),
+        ("vocab_size", cfg.vocab_size),
+    ]:
+        if value % tp:
+            raise FerrumError.invalid_config(f"{name}={value} is not divisible by tensor_parallel_size={tp}")
+    kv_heads_sharded(cfg, tp)
+
+
+def param_specs(cfg: ModelConfig, tp: int, paths) -> dict[str, P]:
+    """PartitionSpec of every flat parameter path (see param_tree)."""
+    check_divisible(cfg, tp)
+    kv = "model" if kv_heads_sharded(cfg, tp) else None
+    rules = [
+        (r"embed", P("model", None)),
+        (r"lm_head", P(None, "model")),
+        (r".*\.attn\.wq", P(None, "model", None)),
+        (r".*\.attn\.(wk|wv)", P(None, kv, None)),
+        (r".*\.attn\.bq", P("model", None)),
+        (r".*\.attn\.(bk|bv)", P(kv, None)),
+        (r".*\.attn\.wo", P("model", None, None)),
+        (r".*\.mlp\.(gate|up)", P(None, "model")),
+        (r".*\.mlp\.(gate_bias|up_bias)", P("model")),
+        (r".*\.mlp\.down", P("model", None)),
+        (r".*(norm\.weight|\.attn\.bo|\.mlp\.down_bias)", P()),
+    ]
+    specs = {}
+    for path in paths:
+        for pattern, spec in rules:
+            if re.fullmatch(pattern, path):
+                specs[path] = spec
+                break
+        else:
+            raise FerrumError.internal(f"no sharding rule for parameter {path}")
+    return specs
+
+
+def kv_spec(cfg: ModelConfig, tp: int) -> P:
+    """KV pages `[kv_heads, num_pages, page_size, head_dim]`."""
+    return P("model" if kv_heads_sharded(cfg, tp) else None, None, None, None)
+
+
+def named(mesh: Mesh, specs: dict[str, P]) -> dict[str, NamedSharding]:
+    return {k: NamedSharding(mesh, v) for k, v in specs.items()}
