@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import ferrum_jax as fj
-from tests.hf_models import save_variant
+from hf_models import save_variant
 
 LIMITS = dict(dtype="float32", max_batch_size=2, max_sequence_length=64, page_size=8, max_num_batched_tokens=32)
 
