@@ -121,3 +121,41 @@ def test_pallas_kernel_under_tensor_parallelism(single):
         ref_logits, ref_gen = single[cfg.num_kv_heads]
         np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
         assert gen == ref_gen[:3]
+
+
+def test_convert_cli_then_sharded_restore_matches_hf_dir(tmp_path):
+    from ferrum_jax import convert
+    from hf_models import save_variant
+
+    variant = save_variant("llama3_gqa", tmp_path)
+    convert.main([str(variant.path), str(tmp_path / "orbax"), "--dtype", "float32"])
+    from_hf = fj.JaxModelExecutor.from_pretrained(variant.path, **LIMITS)
+    restored = fj.JaxModelExecutor.from_pretrained(tmp_path / "orbax", tensor_parallel_size=2, **LIMITS)
+    assert spec(flatten_state(restored._state)["layers.0.mlp.gate"]) == P(None, "model")
+    a, gen_a = run_greedy(from_hf)
+    b, gen_b = run_greedy(restored)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert gen_a == gen_b
+
+
+def test_multi_host_initialize_in_a_fresh_process():
+    import socket
+    import subprocess
+    import sys
+
+    from ferrum_jax.distributed import initialize
+
+    assert initialize() is False  # single host: nothing to join
+    with pytest.raises(fj.InvalidConfigError, match=r"process_id=2: must be in \[0, num_processes=2\)"):
+        initialize("127.0.0.1:1", num_processes=2, process_id=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "from ferrum_jax.distributed import initialize\n"
+        f"assert initialize('127.0.0.1:{port}', num_processes=1, process_id=0)\n"
+        "import jax\nprint(jax.process_count(), jax.process_index())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "0"]
