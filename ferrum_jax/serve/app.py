@@ -41,7 +41,6 @@ def build_app(ctx: ServerContext) -> FastAPI:
             await ctx.engine.stop()
 
     app = FastAPI(title="ferrum_jax", version=ferrum_jax.__version__, lifespan=lifespan)
-    app.state.ctx = ctx
     install_error_handlers(app)
     created = int(time.time())
 

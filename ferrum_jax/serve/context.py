@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-from ferrum_jax.engine import SamplingParams
+from ferrum_jax.engine import Engine, SamplingParams
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.serve.errors import APIError
 from ferrum_jax.serve.logprobs import TokenText
 from ferrum_jax.serve.metrics import ServerMetrics
 from ferrum_jax.serve.output import ChoiceOutput
-from ferrum_jax.serve.protocol import _SamplingFields
+from ferrum_jax.serve.protocol import SamplingFields
 from ferrum_jax.serve.tokenizer import Tokenizer
 
 # Sampling fields passed to SamplingParams when the client set them (None: the engine default).
@@ -22,7 +22,7 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty"
 
 @dataclasses.dataclass
 class ServerContext:
-    engine: object  # ferrum_jax.engine.Engine
+    engine: Engine
     tokenizer: Tokenizer
     model_names: tuple[str, ...]
     model_root: str  # what --model pointed at (shown by /v1/models)
@@ -77,7 +77,7 @@ class ServerContext:
                 param="n",
             )
 
-    def choice_output(self, body: _SamplingFields, prompt_ids: list[int]) -> ChoiceOutput:
+    def choice_output(self, body: SamplingFields, prompt_ids: list[int]) -> ChoiceOutput:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
         return ChoiceOutput(
             self.tokenizer,
@@ -94,7 +94,7 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def check_common(body: _SamplingFields) -> None:
+def check_common(body: SamplingFields) -> None:
     """Fields that are accepted by OpenAI but that this server does not implement are
     refused rather than silently ignored."""
     if body.logit_bias:
@@ -103,7 +103,7 @@ def check_common(body: _SamplingFields) -> None:
         raise APIError.bad_request("stream_options can only be given when stream is true", param="stream_options")
 
 
-def sampling_params(body: _SamplingFields, *, max_tokens: int, logprobs: int | None, seed: int | None, renames: dict[str, str]) -> SamplingParams:
+def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None, seed: int | None, renames: dict[str, str]) -> SamplingParams:
     """The engine's parameters for one choice; an out-of-range value is a 400 naming the
     request field (`renames` maps the engine's name to this endpoint's, e.g. max_tokens
     -> max_completion_tokens)."""

@@ -61,11 +61,16 @@ def sse_error(err: APIError) -> str:
     return f"data: {json.dumps(err.body())}\n\n"
 
 
+def _location(loc: tuple) -> str:
+    # loc is ("body", field, index / sub-field / union member...) for body errors.
+    return ".".join(str(p) for p in loc if p != "body") or "body"
+
+
 def _validation_param(loc: tuple) -> str | None:
-    # loc is ("body", field, index/subfield...) for body errors; name the top field,
-    # with sub-fields dotted (messages.0.content), which is what OpenAI's param holds.
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or None
+    # The top-level request field: the deeper path can name pydantic's union members
+    # ("prompt.list[int].1"), which are no field of the API. The message has the path.
+    fields = [p for p in loc if p != "body"]
+    return str(fields[0]) if fields else None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -83,7 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
             return APIError.bad_request(f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": ")).response()
-        messages = [f"{_validation_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors]
+        messages = [f"{_location(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors]
         return APIError.bad_request("; ".join(messages), param=_validation_param(tuple(first.get("loc", ())))).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -29,7 +29,7 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _SamplingFields(_Request):
+class SamplingFields(_Request):
     """Fields shared by both generation endpoints. None means "the default"."""
 
     model: str | None = None
@@ -56,7 +56,7 @@ class _SamplingFields(_Request):
     user: str | None = None
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     # A string, a batch of strings, token ids, or a batch of token-id lists (OpenAI's four forms).
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
@@ -78,7 +78,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
