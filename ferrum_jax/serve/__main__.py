@@ -52,12 +52,16 @@ def build_executor(s: ServeSettings):
 
 
 def build_tokenizer(s: ServeSettings):
+    from ferrum_jax.interfaces.errors import FerrumError
     from ferrum_jax.serve.tokenizer import load_tokenizer
 
     if s.tokenizer == "byte" or (s.tokenizer is None and (s.model is None or _is_preset(s.model))):
         # Presets ship no tokenizer files; their vocabularies fit the byte-level one.
         return load_tokenizer(None)
-    return load_tokenizer(s.tokenizer or s.model)
+    try:
+        return load_tokenizer(s.tokenizer or s.model)
+    except FerrumError as e:
+        raise FerrumError.invalid_config(f"{e.message}; pass --tokenizer DIR, or --tokenizer byte for the byte-level tokenizer") from e
 
 
 def build_context(s: ServeSettings, executor, tokenizer):
@@ -92,8 +96,8 @@ async def serve(s: ServeSettings) -> None:
     from ferrum_jax.serve.app import build_app
     from ferrum_jax.serve.shutdown import DrainingServer
 
+    tokenizer = build_tokenizer(s)  # first: it fails fast, loading the weights does not
     executor = build_executor(s)
-    tokenizer = build_tokenizer(s)
     if tokenizer.vocab_size > executor.cfg.vocab_size:
         raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {executor.cfg.vocab_size}")
     if not s.no_warmup:
