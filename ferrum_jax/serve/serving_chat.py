@@ -116,13 +116,13 @@ async def _stream(ctx: ServerContext, body: ChatCompletionRequest, gen: Generati
             first = ChatStreamChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))
             yield chunk([first], prompt_token_ids=ids if body.return_token_ids and j == 0 else None)
         async for c, delta in gen.events():
-            if not (delta.text or delta.finished or body.logprobs or body.return_token_ids):
-                continue  # nothing to say yet (held-back text of a possible stop string)
+            # One chunk per engine delta, even when its text is "" (a partial character or
+            # held-back stop-string prefix), as vLLM does; a last delta without text is `{}`.
             yield chunk(
                 [
                     ChatStreamChoice(
                         index=c.index,
-                        delta=DeltaMessage(content=delta.text or None),
+                        delta=DeltaMessage(content=delta.text if delta.text or not delta.finished else None),
                         logprobs=chat_logprobs(delta.logprobs, ctx.token_text, body.return_tokens_as_token_ids) if body.logprobs else None,
                         finish_reason=delta.finish_reason,
                         stop_reason=delta.stop_reason,

@@ -106,9 +106,9 @@ async def _stream(ctx: ServerContext, body: CompletionRequest, gen: Generation, 
     started = set()
     try:
         async for c, delta in gen.events():
+            # One chunk per engine delta, even when its text is "" (a partial character or
+            # held-back stop-string prefix), as vLLM does: clients count chunks as tokens.
             first = c.index not in started
-            if not (delta.text or delta.finished or (first and echo[c.prompt_index]) or body.logprobs is not None or body.return_token_ids):
-                continue  # nothing to say yet (held-back text of a possible stop string)
             started.add(c.index)
             yield chunk(
                 CompletionChoice(
