@@ -94,6 +94,7 @@ class LiveServer:
         raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log_tail()}")
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 30 s. The log is kept only if the server did not exit cleanly."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -101,6 +102,8 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        if self.proc.returncode == 0:
+            self.log_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ clients
 
