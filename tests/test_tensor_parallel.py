@@ -84,14 +84,14 @@ def test_tp_matches_single_device(single, cfg, tp):
     assert {s.data.shape for s in wq.addressable_shards} == {(128, 8 // tp, 16)}
 
 
-@pytest.mark.parametrize("tp", [2, 8])
-def test_one_all_reduce_after_attention_and_one_after_mlp(tp):
-    ex = fj.JaxModelExecutor.from_config(KV8, seed=3, tensor_parallel_size=tp, **LIMITS)
+@pytest.mark.parametrize("cfg, tp", [(KV8, 2), (KV8, 8), (KV2, 8)], ids=["kv8-tp2", "kv8-tp8", "kv2-tp8-replicated"])
+def test_one_all_reduce_after_attention_and_one_after_mlp(cfg, tp):
+    ex = fj.JaxModelExecutor.from_config(cfg, seed=3, tensor_parallel_size=tp, **LIMITS)
     batch = dummy_batch(StepShape(32, 2, 2), ex.buckets)
     hlo = ex._step.lower(ex._state, ex._kv, batch).compile().as_text()
     collectives = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", hlo)
     # two per layer, plus one for the vocabulary-sharded embedding lookup
-    assert collectives == ["all-reduce"] * (2 * KV8.num_layers + 1)
+    assert collectives == ["all-reduce"] * (2 * cfg.num_layers + 1)
 
 
 def test_orbax_restores_sharded(tmp_path, single):

@@ -8,10 +8,11 @@ ever happens per step. The leading kv-head axis is the one tensor parallelism sh
 "pallas"`: `"xla"` is the pure-jnp reference (the CPU default), `"pallas"` the kernel for
 the current backend, `"pallas_interpret"` the kernel in Pallas interpret mode (CPU tests).
 
-Under tensor parallelism the XLA path is partitioned by GSPMD like the rest of the model;
-a Pallas kernel is opaque to GSPMD, so it runs inside `shard_map`, one call per model
-shard on that shard's query heads (and its own KV heads, or the one replicated KV head
-its query heads read).
+Under tensor parallelism attention runs inside `shard_map`, one call per model shard on
+that shard's query heads and its own KV heads (or, with replicated KV heads, the one KV
+head its query heads read). A Pallas kernel is opaque to GSPMD, so it needs this; the
+XLA path takes it too, because left to GSPMD the replicated-KV case all-gathers the
+gathered pages twice per layer. Attention itself then needs no collective at all.
 """
 
 from __future__ import annotations
@@ -77,10 +78,10 @@ def paged_attention(
 ) -> jax.Array:
     """Causal ragged attention of `q_tnh` `[tokens, q_heads, head_dim]` over the pages."""
     args = (q_tnh, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.num_seqs)
-    if backend.kind == "xla":
-        return ragged_paged_attention_reference(*args, sm_scale=sm_scale, sliding_window=sliding_window)
 
-    def kernel(q, k, v, *rest):
+    def attend(q, k, v, *rest):
+        if backend.kind == "xla":
+            return ragged_paged_attention_reference(q, k, v, *rest, sm_scale=sm_scale, sliding_window=sliding_window)
         return ragged_paged_attention(
             q, k, v, *rest, sm_scale=sm_scale, sliding_window=sliding_window,
             interpret=backend.kind == "pallas_interpret",
@@ -88,7 +89,7 @@ def paged_attention(
 
     mesh = backend.mesh
     if mesh is None or mesh.shape["model"] == 1:
-        return kernel(*args)
+        return attend(*args)
     tp, num_kv = mesh.shape["model"], k_pages.shape[0]
     kv_sharded = num_kv % tp == 0
 
@@ -98,7 +99,7 @@ def paged_attention(
             head = jax.lax.axis_index("model") * num_kv // tp
             k = jax.lax.dynamic_slice_in_dim(k, head, 1, axis=0)
             v = jax.lax.dynamic_slice_in_dim(v, head, 1, axis=0)
-        return kernel(q, k, v, *rest)
+        return attend(q, k, v, *rest)
 
     kv = P("model") if kv_sharded else P()
     return jax.shard_map(
