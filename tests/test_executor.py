@@ -373,3 +373,31 @@ def test_shutdown_refuses_further_work():
     assert s.status().state == fj.ExecutorState.SHUTDOWN and s.num_used_pages == 0
     with pytest.raises(fj.BackendError, match="shut down"):
         run(s.decode(fj.DecodeInput(input_ids=ids(1), kv_cache=h)))
+
+
+def test_second_process_loads_every_step_program_from_the_cache(tmp_path):
+    """warmup in a fresh process with the same cache: hits for every program, no misses."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, jax\n"
+        "from jax import monitoring\n"
+        "seen = []\n"
+        "monitoring.register_event_listener(lambda name, **kw: seen.append(name))\n"
+        "import ferrum_jax as fj\n"
+        "ex = fj.JaxModelExecutor.from_preset('tiny', dtype='float32', max_batch_size=2, max_sequence_length=64,"
+        " page_size=8, max_num_batched_tokens=16)\n"
+        "asyncio.run(ex.warmup())\n"
+        "print(sum(map(ex.num_step_programs().__getitem__, range(3))), seen.count('/jax/compilation_cache/cache_hits'),"
+        " seen.count('/jax/compilation_cache/cache_misses'))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["FERRUM_JAX_CACHE_DIR"] = str(tmp_path / "xla")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    programs, _, first_misses = map(int, runs[0].stdout.split())
+    _, hits, misses = map(int, runs[1].stdout.split())
+    assert first_misses >= programs
+    assert misses == 0 and hits >= programs

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ferrum_jax.batch.buckets import BucketSpec
 from ferrum_jax.batch.ragged import SequenceChunk, build_ragged_batch, dummy_batch
+from ferrum_jax.executor.compile_cache import enable_persistent_cache
 from ferrum_jax.executor.sequence_table import PagedKvCacheHandle, Sequence, SequenceTable
 from ferrum_jax.interfaces import (
     AttentionType,
@@ -124,6 +125,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             raise FerrumError.invalid_config(f"page_size={page_size}: must be >= 1")
         if max_sequence_length < 1:
             raise FerrumError.invalid_config(f"max_sequence_length={max_sequence_length}: must be >= 1")
+        self.compilation_cache_dir = enable_persistent_cache()
         self.cfg = cfg
         self.hf_config = hf_config
         self.dtype = dtype
