@@ -1,1 +1,6 @@
-"""`python -m ferrum_jax.serve`: the HTTP front end (OpenAI-compatible routes arrive with the serving issue)."""
+"""`python -m ferrum_jax.serve`: the OpenAI-compatible HTTP server over the engine.
+
+Routes (app.py): /v1/completions and /v1/chat/completions (SSE streaming too), /v1/models,
+/tokenize, /detokenize, /health, /metrics, /version. Start-up and flags: __main__.py and
+settings.py; what is loaded: loading.py (model, tokenizer) and speculative.py (drafter).
+"""

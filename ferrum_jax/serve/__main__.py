@@ -2,19 +2,22 @@
 
     python -m ferrum_jax.serve                         # tiny preset + byte tokenizer, 127.0.0.1:8000
     python -m ferrum_jax.serve --model DIR --port 8001 # a HF checkpoint with its tokenizer.json
+    python -m ferrum_jax.serve --preset bench_125m     # another model preset (configs/)
     python -m ferrum_jax.serve --config configs/serve_cpu.yaml
+    python -m ferrum_jax.serve --speculative-method ngram --num-speculative-tokens 4
 
-Startup: build the executor (weights, KV pool), compile every step program (`warmup`, so
-no request ever waits for a compile; `--no-warmup` skips it), build the tokenizer and the
-engine, then serve with uvicorn on one event loop shared with the engine loop. Flags are
-in settings.py, shutdown behaviour in shutdown.py.
+Startup: join a multi-host job if asked (multihost.py; before anything else touches JAX),
+build the tokenizer, the executor (weights, KV pool) and the drafter (speculative.py),
+compile every step program of the target and of a draft model (`warmup`, so no request
+ever waits for a compile; `--no-warmup` skips it), build the engine, then serve with
+uvicorn on one event loop shared with the engine loop. Flags are in settings.py, model
+loading in loading.py, shutdown behaviour in shutdown.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 import uvicorn
 
@@ -23,48 +26,8 @@ from ferrum_jax.serve.settings import ServeSettings, parse_settings
 logger = logging.getLogger("ferrum_jax.serve")
 
 
-def _is_preset(name: str) -> bool:
-    from ferrum_jax.executor.presets import CONFIG_DIR
-
-    return not Path(name).exists() and (CONFIG_DIR / f"{name}.yaml").is_file()
-
-
-def build_executor(s: ServeSettings):
-    import ferrum_jax as fj
-
-    options = {
-        k: v
-        for k, v in {
-            "dtype": s.executor_dtype,
-            "page_size": s.page_size,
-            "max_batch_size": s.max_num_seqs,
-            "max_sequence_length": s.max_model_len,
-            "max_num_batched_tokens": s.max_num_batched_tokens,
-            "num_pages": s.num_pages,
-            "attention": s.attention,
-            "tensor_parallel_size": s.tensor_parallel_size,
-        }.items()
-        if v is not None
-    }
-    if s.model is None or _is_preset(s.model):
-        return fj.JaxModelExecutor.from_preset(s.model or "tiny", **options)
-    return fj.JaxModelExecutor.from_pretrained(s.model, **options)
-
-
-def build_tokenizer(s: ServeSettings):
-    from ferrum_jax.interfaces.errors import FerrumError
-    from ferrum_jax.serve.tokenizer import load_tokenizer
-
-    if s.tokenizer == "byte" or (s.tokenizer is None and (s.model is None or _is_preset(s.model))):
-        # Presets ship no tokenizer files; their vocabularies fit the byte-level one.
-        return load_tokenizer(None)
-    try:
-        return load_tokenizer(s.tokenizer or s.model)
-    except FerrumError as e:
-        raise FerrumError.invalid_config(f"{e.message}; pass --tokenizer DIR, or --tokenizer byte for the byte-level tokenizer") from e
-
-
-def build_context(s: ServeSettings, executor, tokenizer):
+def build_context(s: ServeSettings, executor, tokenizer, drafter=None):
+    """drafter: proposes `s.speculative_tokens` drafts per step (speculative.build_drafter)."""
     from ferrum_jax.engine import Engine, EngineConfig
     from ferrum_jax.serve.context import ServerContext
     from ferrum_jax.serve.metrics import ServerMetrics
@@ -77,14 +40,17 @@ def build_context(s: ServeSettings, executor, tokenizer):
             max_waiting=s.max_waiting,
             eos_token_ids=tuple(tokenizer.eos_token_ids),
             seed=s.seed,
+            num_speculative_tokens=s.speculative_tokens if drafter is not None else 0,
         ),
+        drafter,
     )
-    names = s.served_model_name or (s.model or "tiny",)
+    root = s.model or s.preset or "tiny"
+    names = s.served_model_name or (root,)
     return ServerContext(
         engine=engine,
         tokenizer=tokenizer,
         model_names=tuple(names),
-        model_root=s.model or "tiny",
+        model_root=root,
         max_model_len=executor.max_sequence_length,
         max_waiting=s.max_waiting,
         metrics=ServerMetrics(engine, names[0]),
@@ -94,15 +60,20 @@ def build_context(s: ServeSettings, executor, tokenizer):
 
 async def serve(s: ServeSettings) -> None:
     from ferrum_jax.serve.app import build_app
+    from ferrum_jax.serve.loading import build_executor, build_tokenizer
     from ferrum_jax.serve.shutdown import DrainingServer
+    from ferrum_jax.serve.speculative import build_drafter
 
     tokenizer = build_tokenizer(s)  # first: it fails fast, loading the weights does not
     executor = build_executor(s)
     if tokenizer.vocab_size > executor.cfg.vocab_size:
         raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {executor.cfg.vocab_size}")
+    drafter, draft = build_drafter(s, executor)  # before the warmup: a vocabulary mismatch fails fast
     if not s.no_warmup:
         await executor.warmup()
-    ctx = build_context(s, executor, tokenizer)
+        if draft is not None:
+            await draft.warmup()
+    ctx = build_context(s, executor, tokenizer, drafter)
     config = uvicorn.Config(
         build_app(ctx),
         host=s.host,
@@ -113,17 +84,20 @@ async def serve(s: ServeSettings) -> None:
         # last bytes of replies that finished.
         timeout_graceful_shutdown=5,
     )
-    logger.info("serving %s (max_model_len=%d) on http://%s:%d", ctx.model_name, ctx.max_model_len, s.host, s.port)
+    spec = f", speculative {s.speculative_method} x{s.speculative_tokens}" if drafter is not None else ""
+    logger.info("serving %s (max_model_len=%d%s) on http://%s:%d", ctx.model_name, ctx.max_model_len, spec, s.host, s.port)
     await DrainingServer(config, ctx, s.shutdown_timeout).serve()
 
 
 def main(argv: list[str] | None = None) -> None:
     from ferrum_jax.interfaces.errors import FerrumError
+    from ferrum_jax.serve.multihost import join
 
     settings = parse_settings(argv)
     level = "DEBUG" if settings.uvicorn_log_level == "trace" else settings.uvicorn_log_level.upper()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
+        join(settings)  # the first JAX call: jax.distributed must start before any device is used
         asyncio.run(serve(settings))
     except FerrumError as e:  # a bad model dir, an unsupported option: a message, not a traceback
         raise SystemExit(f"python -m ferrum_jax.serve: {type(e).__name__}: {e.message}") from None

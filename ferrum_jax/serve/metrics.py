@@ -2,7 +2,9 @@
 
 Engine-side numbers (running/waiting requests, KV usage, preemptions, token totals) are
 read from `engine.stats()` at scrape time by a custom collector, so they are exact and
-cost nothing between scrapes. Latencies are only visible here, per request, and are
+cost nothing between scrapes. With speculative decoding on, the collector adds vLLM's
+`spec_decode_*` counters (drafts verified, draft tokens, accepted tokens) and the mean
+acceptance length (tokens emitted per verify); without it they are absent, as in vLLM. Latencies are only visible here, per request, and are
 observed into histograms by `RequestTimer` as the server streams tokens out.
 
 Each server owns its registry (not prometheus_client's global one), so building two apps
@@ -40,6 +42,17 @@ class _EngineCollector:
         yield self._family(CounterMetricFamily, "ferrum:num_preemptions", "Requests preempted for lack of KV pages.", s.num_preemptions)
         yield self._family(CounterMetricFamily, "ferrum:prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens)
         yield self._family(CounterMetricFamily, "ferrum:generation_tokens", "Tokens generated.", s.generation_tokens)
+        if self._engine.drafter is None:
+            return
+        yield self._family(CounterMetricFamily, "ferrum:spec_decode_num_drafts", "Verify steps of a request with drafts.", s.spec_verify_steps)
+        yield self._family(CounterMetricFamily, "ferrum:spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", s.spec_draft_tokens)
+        yield self._family(CounterMetricFamily, "ferrum:spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_accepted_tokens)
+        yield self._family(
+            GaugeMetricFamily,
+            "ferrum:spec_decode_mean_acceptance_length",
+            "Tokens emitted per verify step (accepted drafts + 1), since start; 0 before the first.",
+            s.mean_acceptance_length,
+        )
 
 
 class ServerMetrics:
