@@ -401,3 +401,8 @@ def test_second_process_loads_every_step_program_from_the_cache(tmp_path):
     _, hits, misses = map(int, runs[1].stdout.split())
     assert first_misses >= programs
     assert misses == 0 and hits >= programs
+
+
+def test_unknown_preset_lists_only_model_presets():
+    with pytest.raises(fj.InvalidConfigError, match=r"unknown preset 'llama3_8b_gpu'; known presets: \['bench_125m', 'tiny'\]"):
+        fj.JaxModelExecutor.from_preset("llama3_8b_gpu")

@@ -137,3 +137,12 @@ def test_deltas_after_finishing_are_ignored():
 def test_the_shipped_serve_config_parses():
     s = parse_settings(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "serve_cpu.yaml")])
     assert (s.max_num_seqs, s.max_num_batched_tokens, s.host) == (8, 64, "127.0.0.1")
+
+
+def test_token_text_of_ids_past_the_tokenizer_vocabulary():
+    """A 32000-row model served with the 320-id byte tokenizer can sample ids it cannot spell."""
+    from ferrum_jax.serve.byte_tokenizer import ByteTokenizer
+    from ferrum_jax.serve.logprobs import TokenText
+
+    text = TokenText(ByteTokenizer())
+    assert text(998) == "<|id_998|>" and text(65) == "A" and text(998, as_id=True) == "token_id:998"

@@ -25,10 +25,10 @@ class Preset:
 
 def load_preset(name: str) -> Preset:
     path = CONFIG_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if "model" in yaml.safe_load(p.read_text()))
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not _is_preset(raw):
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if _is_preset(yaml.safe_load(p.read_text())))
         raise FerrumError.invalid_config(f"unknown preset {name!r}; known presets: {known}")
-    raw = yaml.safe_load(path.read_text())
     return Preset(
         name=name,
         model=ModelConfig.from_hf_dict(raw["model"]),
@@ -36,3 +36,8 @@ def load_preset(name: str) -> Preset:
         seed=int(raw.get("seed", 0)),
         executor_options=dict(raw.get("executor", {})),
     )
+
+
+def _is_preset(raw) -> bool:
+    """Model presets hold a `model:` mapping; serving configs in the same folder do not."""
+    return isinstance(raw, dict) and isinstance(raw.get("model"), dict)

@@ -38,6 +38,10 @@ class TokenText:
 
     def __init__(self, tokenizer: Tokenizer):
         def text(token_id: int) -> str:
+            # A model's embedding can be wider than its tokenizer (padded rows, or a preset
+            # served with the byte tokenizer): such sampled ids have no text of their own.
+            if not 0 <= token_id < tokenizer.vocab_size:
+                return f"<|id_{token_id}|>"
             return tokenizer.decode([token_id], skip_special_tokens=False) or tokenizer.id_to_token(token_id) or ""
 
         self._text = functools.lru_cache(maxsize=65536)(text)
