@@ -1,9 +1,9 @@
 """Multi-host start-up of the server on CPU processes: `--coordinator-address/--num-processes/
 --process-id` join the JAX distributed runtime before anything touches a device (JAX itself
 refuses the join once a backend is up, so a successful join proves the order), and a job
-of more than one process is then refused with a message instead of hanging on its first
-request. No weights are loaded: the runs end at the join or at a model dir that does not
-exist."""
+of more than one process whose model would not span every device is refused with a message
+(serving such a job in lockstep: test_multihost_lockstep.py). No weights are loaded: the
+runs end at the join or at a model dir that does not exist."""
 
 from __future__ import annotations
 
@@ -29,14 +29,15 @@ def test_one_process_job_joins_first_then_loads():
     assert out.index("joined the JAX distributed runtime") < out.index("/nonexistent/model"), out
 
 
-def test_several_processes_are_refused_with_a_message():
+def test_several_processes_need_the_model_over_every_device():
     address = f"127.0.0.1:{free_port()}"
     procs = [_start("--coordinator-address", address, "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 1, out
         assert f"process {i} of 2" in out, out
-        assert "serving across 2 processes needs the engine to step in lockstep" in out, out
+        assert "serving across 2 processes shards the model over all" in out, out
+        assert "pass --tensor-parallel-size" in out, out
 
 
 def test_bad_process_id_is_refused_before_joining():

@@ -12,6 +12,10 @@ compile every step program of the target and of a draft model (`warmup`, so no r
 ever waits for a compile; `--no-warmup` skips it), build the engine, then serve with
 uvicorn on one event loop shared with the engine loop. Flags are in settings.py, model
 loading in loading.py, shutdown behaviour in shutdown.py.
+
+In a multi-host job (multihost.py) only process 0 runs all this, over executors wrapped in
+`LockstepExecutor`; the others replay its executor calls, and the drain ends with the
+`stop` that lets them exit.
 """
 
 from __future__ import annotations
@@ -59,16 +63,33 @@ def build_context(s: ServeSettings, executor, tokenizer, drafter=None):
 
 
 async def serve(s: ServeSettings) -> None:
-    from ferrum_jax.serve.app import build_app
+    from ferrum_jax.engine.lockstep import Channel, LockstepExecutor
     from ferrum_jax.serve.loading import build_executor, build_tokenizer
-    from ferrum_jax.serve.shutdown import DrainingServer
-    from ferrum_jax.serve.speculative import build_drafter
+    from ferrum_jax.serve.multihost import is_multiprocess
 
     tokenizer = build_tokenizer(s)  # first: it fails fast, loading the weights does not
     executor = build_executor(s)
     if tokenizer.vocab_size > executor.cfg.vocab_size:
         raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {executor.cfg.vocab_size}")
-    drafter, draft = build_drafter(s, executor)  # before the warmup: a vocabulary mismatch fails fast
+    channel = None
+    if is_multiprocess():
+        channel = Channel()
+        executor = LockstepExecutor(executor, channel)
+    try:
+        await _serve(s, tokenizer, executor, channel)
+    finally:
+        if channel is not None:
+            channel.stop()
+
+
+async def _serve(s: ServeSettings, tokenizer, executor, channel) -> None:
+    from ferrum_jax.engine.lockstep import LockstepExecutor
+    from ferrum_jax.serve.app import build_app
+    from ferrum_jax.serve.shutdown import DrainingServer
+    from ferrum_jax.serve.speculative import build_drafter
+
+    wrap = (lambda ex: LockstepExecutor(ex, channel, "draft")) if channel is not None else (lambda ex: ex)
+    drafter, draft = build_drafter(s, executor, wrap)  # before the warmup: a vocabulary mismatch fails fast
     if not s.no_warmup:
         await executor.warmup()
         if draft is not None:
@@ -91,14 +112,17 @@ async def serve(s: ServeSettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from ferrum_jax.interfaces.errors import FerrumError
-    from ferrum_jax.serve.multihost import join
+    from ferrum_jax.serve.multihost import is_leader, join, run_follower
 
     settings = parse_settings(argv)
     level = "DEBUG" if settings.uvicorn_log_level == "trace" else settings.uvicorn_log_level.upper()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         join(settings)  # the first JAX call: jax.distributed must start before any device is used
-        asyncio.run(serve(settings))
+        if is_leader():
+            asyncio.run(serve(settings))
+        else:
+            run_follower(settings)
     except FerrumError as e:  # a bad model dir, an unsupported option: a message, not a traceback
         raise SystemExit(f"python -m ferrum_jax.serve: {type(e).__name__}: {e.message}") from None
 

@@ -22,9 +22,10 @@ from ferrum_jax.serve.loading import ModelSource
 from ferrum_jax.serve.settings import ServeSettings
 
 
-def build_drafter(s: ServeSettings, target):
+def build_drafter(s: ServeSettings, target, wrap=lambda executor: executor):
     """(drafter, draft executor): (None, None) without speculation; the executor is None
-    for n-gram lookup, and otherwise has to be warmed up like the target."""
+    for n-gram lookup, and otherwise has to be warmed up like the target. wrap: applied
+    to the draft executor before the drafter gets it (a multi-host leader's lockstep)."""
     if s.speculative_method == "ngram":
         return NgramDrafter(max_n=s.ngram_max, min_n=s.ngram_min), None
     if s.speculative_method == "draft":
@@ -38,6 +39,7 @@ def build_drafter(s: ServeSettings, target):
             attention=s.attention,
             tensor_parallel_size=target.tensor_parallel_size,
         )
+        draft = wrap(draft)
         drafter: Drafter = DraftModelDrafter(draft, target_vocab_size=target.cfg.vocab_size)
         return drafter, draft
     return None, None

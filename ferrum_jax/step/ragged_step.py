@@ -13,6 +13,7 @@ from typing import Callable
 
 import jax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ferrum_jax.batch.ragged import RaggedBatch
 from ferrum_jax.kv.pages import KvPages
@@ -26,11 +27,23 @@ def _forward(graphdef: nnx.GraphDef, backend: AttentionBackend, state: nnx.State
     return logits_lv, KvPages(k=k, v=v)
 
 
+def _replicated(backend: AttentionBackend, tree):
+    """`tree` on every device of the mesh when the mesh spans processes: each process then
+    reads the results from its own devices, and a result split over the mesh (logits
+    sharded by vocabulary) would be readable on no host. Within one process the host reads
+    every shard itself, and the step keeps its collectives to the model's own."""
+    if backend.mesh is None or all(d.process_index == jax.process_index() for d in backend.mesh.devices.flat):
+        return tree
+    everywhere = NamedSharding(backend.mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, everywhere), tree)
+
+
 def make_ragged_step(graphdef: nnx.GraphDef, backend: AttentionBackend) -> Callable:
     """`step(state, kv, batch) -> (logits [rows, vocab] f32, kv)`, jitted, kv donated."""
 
     def step(state: nnx.State, kv: KvPages, batch: RaggedBatch):
-        return _forward(graphdef, backend, state, kv, batch)
+        logits_lv, kv = _forward(graphdef, backend, state, kv, batch)
+        return _replicated(backend, logits_lv), kv
 
     return jax.jit(step, donate_argnames=("kv",))
 
@@ -40,6 +53,6 @@ def make_sample_step(graphdef: nnx.GraphDef, backend: AttentionBackend) -> Calla
 
     def step(state: nnx.State, kv: KvPages, batch: RaggedBatch, sampling: SamplingBatch):
         logits_lv, kv = _forward(graphdef, backend, state, kv, batch)
-        return sample(logits_lv, sampling), kv
+        return _replicated(backend, sample(logits_lv, sampling)), kv
 
     return jax.jit(step, donate_argnames=("kv",))
