@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     if flag not in os.environ.get("XLA_FLAGS", ""):
         # Fake devices exist only if XLA sees the flag before jax starts: restart with it.
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()}
-        os.execve(sys.executable, [sys.executable, "-m", "ferrum_jax.bench_tp", *(argv or sys.argv[1:])], env)
+        os.execve(sys.executable, [sys.executable, "-m", "ferrum_jax.bench_tp", *(sys.argv[1:] if argv is None else argv)], env)
 
     import jax
     import numpy as np
