@@ -3,8 +3,8 @@ on a free loopback port, talked to over HTTP, killed at the end.
 
 Every server of the suite uses the same engine limits (`SERVER_LIMITS`), so they compile
 the same step programs: the first start compiles them, later starts load them from the
-persistent JAX compilation cache (`JAX_CACHE_DIR`, kept across runs; set
-FERRUM_TEST_JAX_CACHE to move it). The KV pool is deliberately small (`NUM_PAGES`: room
+suite's persistent JAX compilation cache (`JAX_CACHE_DIR`: the one tests/conftest.py sets
+up, kept across runs). The KV pool is deliberately small (`NUM_PAGES`: room
 for about 2.5 full-length sequences of the 8 that may run), so concurrent load goes
 through preemption and every test that checks greedy outputs also checks that
 preemption does not change them.
@@ -44,7 +44,7 @@ SERVER_LIMITS = [
     "--num-pages", str(NUM_PAGES),
     "--max-waiting", "32",
 ]  # fmt: skip
-JAX_CACHE_DIR = os.environ.get("FERRUM_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "ferrum_jax_test_jax_cache"))
+JAX_CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"]
 STARTUP_TIMEOUT_S = 420  # a cold compile of every step program on a busy 2-core machine
 MODEL = "tiny"
 
