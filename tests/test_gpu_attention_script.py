@@ -1,0 +1,30 @@
+"""benchmarks/gpu_attention.py --smoke runs on CPU and writes the JSON the GPU run will write."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_attention.py"
+
+
+def test_smoke_run_writes_expected_json(tmp_path):
+  out = tmp_path / "results.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  result = json.loads(out.read_text())
+  assert {"device_kind", "platform", "jax_version", "jaxlib_version", "smoke", "interpret",
+          "config", "correctness", "copy_bandwidth", "timings", "failures"} <= set(result)
+  assert result["smoke"] and result["interpret"] and result["failures"] == []
+  kinds = {(r["name"].split()[1], r["dtype"]) for r in result["correctness"]}
+  assert kinds == {(k, d) for k in ("decode", "prefill", "mixed") for d in ("bfloat16", "float32")}
+  assert all(r["ok"] and r["max_rel_error"] <= r["tolerance"] for r in result["correctness"])
+  assert result["copy_bandwidth"]["bytes_per_s"] > 0
+  impls = {(r["batch"], r["impl"]) for r in result["timings"]}
+  assert {("decode", "xla reference (jit)"), ("decode", "gpu kernel (default)"),
+          ("prefill", "xla reference (jit)"), ("prefill", "gpu kernel (default)")} <= impls
+  for r in result["timings"]:
+    assert r["seconds"] > 0 and r["bytes_per_s"] > 0 and r["flops_per_s"] > 0
