@@ -111,7 +111,7 @@ def test_serving_configs_parse_and_are_consistent(path, capsys):
     if placeholder:
         with pytest.raises(SystemExit):
             parse_settings(["--config", str(path)])
-        assert "placeholder" in capsys.readouterr().err
+        assert "must be replaced" in capsys.readouterr().err
     s = parse_settings(["--config", str(path), *(["--model", "/path/to/checkpoint"] if placeholder else [])])
     if s.max_num_seqs and s.max_num_batched_tokens:
         assert s.max_num_batched_tokens >= max(16, s.max_num_seqs)

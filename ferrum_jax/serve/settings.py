@@ -6,8 +6,8 @@
 A `--config` file holds the same settings as the flags, spelled either way
 (`max-num-seqs` or `max_num_seqs`); precedence is built-in default < file < flag, so a
 file can be reused with one value changed on the command line. Unknown keys in the file
-are an error (a typo must not be silently ignored), and so is a value left as a
-placeholder in angle brackets (`model: <path to the HF dir>`): the shipped serving
+are an error (a typo must not be silently ignored), and so is a value left in angle
+brackets, to be replaced (`model: <path to the HF dir>`): the shipped serving
 configs use one for what each user must fill in.
 
 `--model` and `--preset` name the model two ways and exclude each other; one given as a
@@ -240,7 +240,7 @@ def parse_settings(argv: list[str] | None = None) -> ServeSettings:
         from_file.pop("preset", None)
     for name, value in from_file.items():
         if name not in flags and isinstance(value, str) and _PLACEHOLDER.fullmatch(value):
-            parser.error(f"--config {config}: {name} is the placeholder {value}; give {flag(name)} on the command line")
+            parser.error(f"--config {config}: {name} is left as {value}, which must be replaced; give {flag(name)} on the command line")
     merged = {**from_file, **flags}
     if "served_model_name" in merged:
         merged["served_model_name"] = tuple(merged["served_model_name"])
