@@ -47,6 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ragged_paged_attention.reference import token_sequence_ids
+from pallas_kernels.ragged_paged_attention.block_bounds import attended_blocks
 from pallas_kernels.ragged_paged_attention.validation import validate_static_args
 
 # Renamed from TPUCompilerParams / TPUInterpretParams in newer jax.
@@ -106,18 +107,8 @@ def _kernel(kv_lens_ref, pages_ref, cu_q_lens_ref, seq_lo_ref, seq_hi_ref,
     generation and so cannot be cross-lowered without a TPU.
     """
     s = jnp.minimum(s, num_seqs_max - 1)
-    q_start = cu_q_lens_ref[s]
-    q_end = cu_q_lens_ref[s + 1]
-    kv_len = kv_lens_ref[s]
-    first_tok = jnp.maximum(q_start, block_start)
-    end_tok = jnp.minimum(q_end, block_start + bq)
-    pos_offset = kv_len - (q_end - q_start) - q_start
-    kv_end = jnp.minimum(kv_len, end_tok + pos_offset)
-    kv_begin = jnp.int32(0)
-    if sliding_window is not None:
-      kv_begin = jnp.maximum(0, first_tok + pos_offset - sliding_window + 1)
-    blk_begin = lax.div(kv_begin, block_kv)
-    blk_end = lax.div(kv_end + block_kv - 1, block_kv)
+    first_tok, end_tok, pos_offset, kv_end, blk_begin, blk_end = attended_blocks(
+        cu_q_lens_ref, kv_lens_ref, s, block_start, bq, block_kv, sliding_window)
     blk_end = jnp.where((end_tok > first_tok) & (blk_end > blk_begin), blk_end, blk_begin)
     return dict(first_tok=first_tok, end_tok=end_tok, pos_offset=pos_offset, kv_end=kv_end,
                 blk_begin=blk_begin, blk_end=blk_end, seq=s)
