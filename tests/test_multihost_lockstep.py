@@ -30,6 +30,7 @@ import pytest
 from serve_fixtures import JAX_CACHE_DIR, MAX_MODEL_LEN, MAX_NUM_SEQS, NUM_PAGES, REPO, LiveServer, free_port, random_prompt
 
 LIMITS = [
+    "--preset", "tiny",
     "--max-num-seqs", str(MAX_NUM_SEQS),
     "--max-num-batched-tokens", "64",
     "--max-model-len", str(MAX_MODEL_LEN),

@@ -31,7 +31,7 @@ def test_one_process_job_joins_first_then_loads():
 
 def test_several_processes_need_the_model_over_every_device():
     address = f"127.0.0.1:{free_port()}"
-    procs = [_start("--coordinator-address", address, "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
+    procs = [_start("--preset", "tiny", "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 1, out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Iterable
@@ -189,18 +188,19 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         max_num_batched_tokens: int | None = None,
         progress: bool = True,
     ) -> "JaxModelExecutor":
-        """Loads a HF directory (config.json + safetensors) or a ferrum orbax checkpoint."""
+        """Loads a HF directory (config.json + safetensors), a ferrum orbax checkpoint, or a GGUF
+        file (or a directory holding one). `dtype` casts whatever the source holds; None is
+        float32 on CPU, bfloat16 on GPU/TPU."""
         from ferrum_jax.executor.loading import load_params
 
         dtype = dtype or default_dtype()
         mesh = make_mesh(tensor_parallel_size)
-        cfg, graphdef, state = load_params(Path(path), dtype, mesh, progress=progress)
-        hf_config = json.loads((Path(path) / "config.json").read_text())
+        loaded = load_params(Path(path), dtype, mesh, progress=progress)
         return cls(
-            cfg,
-            graphdef,
-            state,
-            model_id=Path(path).name,
+            loaded.cfg,
+            loaded.graphdef,
+            loaded.state,
+            model_id=loaded.model_id,
             dtype=dtype,
             page_size=page_size,
             max_batch_size=max_batch_size,
@@ -208,13 +208,13 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             num_pages=num_pages,
             attention=attention,
             max_num_batched_tokens=max_num_batched_tokens,
-            hf_config=hf_config,
+            hf_config=loaded.hf_config,
             mesh=mesh,
         )
 
     @classmethod
     def from_preset(cls, name: str = "tiny", **overrides) -> "JaxModelExecutor":
-        """A preset from `configs/` (the embedded default is "tiny": seeded random weights).
+        """A preset from `configs/` ("tiny", the test model: seeded random weights).
         `overrides` replace the preset's executor options; `seed` its weight seed."""
         from ferrum_jax.executor.presets import load_preset
 

@@ -1,36 +1,99 @@
-"""Parameters for `from_pretrained`: a HF directory or a ferrum orbax checkpoint."""
+"""Parameters for `from_pretrained`: a HF directory, a ferrum orbax checkpoint, or a GGUF file.
+
+Whatever the source holds, the parameters arrive on device in the requested dtype: HF and GGUF
+tensors are converted on the host one at a time (GGUF ones dequantized to float32 first); an
+orbax checkpoint is restored in its stored dtype, shard by shard, and cast on device.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections import Counter
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
 
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.checkpoint import checkpoint_dtype, is_ferrum_checkpoint, restore_checkpoint
 from ferrum_jax.models.config import ModelConfig
-from jax.sharding import Mesh
-
+from ferrum_jax.models.gguf_config import hf_config_from_gguf
+from ferrum_jax.models.gguf_file import GGUFFile, find_gguf
+from ferrum_jax.models.gguf_weights import GGUFCheckpoint
 from ferrum_jax.models.param_tree import abstract_model, flatten_state, param_shardings, unflatten_into
+from ferrum_jax.models.safetensors_reader import SafetensorsDir
 from ferrum_jax.models.weights import load_hf_params
 
 
-def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True):
-    """Returns (config, graphdef, state) with every parameter on device in `dtype`, placed
-    shard by shard in its tensor-parallel layout over `mesh`."""
-    if not path.is_dir():
-        raise FerrumError.invalid_config(f"model path {path} is not a directory")
-    cfg = ModelConfig.from_hf_dir(path)
-    graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype))
-    expected = flatten_state(abstract)
-    shardings = param_shardings(cfg, mesh, abstract)
+@dataclasses.dataclass
+class Loaded:
+    cfg: ModelConfig
+    hf_config: dict
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    model_id: str
+
+
+def source_dtype(path: str | Path) -> str:
+    """The parameter dtype a checkpoint holds: an orbax checkpoint's stored dtype; the most
+    common floating dtype of a HF directory's tensors; float32 for a GGUF file holding
+    quantized or float32 tensors (the dequantized values are exact only in float32), else its
+    float16/bfloat16."""
+    path = Path(path)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        kinds = Counter(t.type_name for t in GGUFFile(gguf).tensors.values() if len(t.shape) > 1)
+        common = kinds.most_common(1)[0][0] if kinds else "F32"
+        return {"F16": "float16", "BF16": "bfloat16"}.get(common, "float32")
     if is_ferrum_checkpoint(path):
-        stored = checkpoint_dtype(path)
-        if stored != dtype:
-            raise FerrumError.invalid_config(f"checkpoint {path} holds {stored} parameters, {dtype} was requested")
-        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in expected.items()}
-        flat = restore_checkpoint(path, target)
-    else:
-        flat = load_hf_params(path, expected, shardings, tied_embeddings=cfg.tie_word_embeddings, progress=progress)
-    return cfg, graphdef, unflatten_into(abstract, flat)
+        return checkpoint_dtype(path)
+    kinds = Counter(e.dtype for e in SafetensorsDir(path).entries.values() if e.dtype in ("F32", "F16", "BF16", "F64"))
+    common = kinds.most_common(1)[0][0] if kinds else "F32"
+    return {"F16": "float16", "BF16": "bfloat16", "F64": "float32"}.get(common, "float32")
+
+
+def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True) -> Loaded:
+    """Every parameter on device in `dtype`, placed shard by shard in its tensor-parallel
+    layout over `mesh`."""
+    gguf = find_gguf(path)
+    if gguf is not None:
+        f = GGUFFile(gguf)
+        hf_config = hf_config_from_gguf(f)
+        return _load_named(GGUFCheckpoint(f, hf_config), hf_config, dtype, mesh, progress, gguf.stem)
+    if not path.is_dir():
+        raise FerrumError.invalid_config(f"model path {path} is neither a directory nor a .gguf file")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FerrumError.invalid_config(f"no config.json (and no .gguf file) in {path}")
+    hf_config = json.loads(config_file.read_text())
+    if is_ferrum_checkpoint(path):
+        return _restore(path, hf_config, dtype, mesh)
+    return _load_named(SafetensorsDir(path), hf_config, dtype, mesh, progress, path.name)
+
+
+def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, model_id: str) -> Loaded:
+    cfg = ModelConfig.from_hf_dict(hf_config)
+    graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype))
+    flat = load_hf_params(
+        ckpt, flatten_state(abstract), param_shardings(cfg, mesh, abstract),
+        tied_embeddings=cfg.tie_word_embeddings, progress=progress,
+    )  # fmt: skip
+    return Loaded(cfg, hf_config, graphdef, unflatten_into(abstract, flat), model_id)
+
+
+def _restore(path: Path, hf_config: dict, dtype: str, mesh: Mesh) -> Loaded:
+    cfg = ModelConfig.from_hf_dict(hf_config)
+    stored = jnp.dtype(checkpoint_dtype(path))
+    graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype))
+    shardings = param_shardings(cfg, mesh, abstract)
+    target = {k: jax.ShapeDtypeStruct(v.shape, stored, sharding=shardings[k]) for k, v in flatten_state(abstract).items()}
+    flat = restore_checkpoint(path, target)
+    want = jnp.dtype(dtype)
+    if want != stored:
+        # One leaf at a time, so at most one extra tensor is alive during the cast.
+        for k in list(flat):
+            flat[k] = flat[k].astype(want)
+    return Loaded(cfg, hf_config, graphdef, unflatten_into(abstract, flat), path.name)

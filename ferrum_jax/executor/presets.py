@@ -1,5 +1,5 @@
 """Model presets from `configs/<name>.yaml`: a HF-style model config, a seed for the random
-weights, and executor options. The embedded default `tiny` needs no files beyond this repo."""
+weights, and executor options. The `tiny` preset (the test model) needs no files beyond this repo."""
 
 from __future__ import annotations
 

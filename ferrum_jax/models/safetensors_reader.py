@@ -46,6 +46,7 @@ class SafetensorsDir:
 
     def __init__(self, path: str | Path):
         path = Path(path)
+        self.path = path
         index = path / "model.safetensors.index.json"
         if index.is_file():
             files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})

@@ -1,5 +1,9 @@
 """HF checkpoint -> parameter pytree, one tensor at a time, through a regex name table.
 
+The checkpoint is anything with HF tensor names: `SafetensorsDir` (a HF directory) or
+`GGUFCheckpoint` (a GGUF file under HF names), each giving `entries` (name -> `.shape`),
+`read(name)` (a host array in HF layout) and `path`.
+
 Every HF tensor name is matched against `_TABLE` (pattern -> our parameter path and the
 layout transform). All problems — missing, unexpected and mis-shaped tensors — are
 collected from the safetensors headers first and reported in ONE error before any data is
@@ -17,7 +21,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ferrum_jax.interfaces.errors import FerrumError
-from ferrum_jax.models.safetensors_reader import SafetensorsDir
 
 # HF layouts are torch Linear [out, in]; ours are [in, ...heads, head_dim] / [heads, head_dim, out].
 # Each transform: (HF shape expected for our shape, converter HF array -> our array).
@@ -65,17 +68,16 @@ def _target(name: str) -> tuple[str, _Transform] | None:
 
 
 def load_hf_params(
-    path,
+    ckpt,
     expected: dict[str, jax.ShapeDtypeStruct],
     shardings: dict[str, jax.sharding.Sharding] | None = None,
     tied_embeddings: bool = False,
     progress: bool = True,
 ) -> dict[str, jax.Array]:
-    """Reads a HF directory into `{param path: device array}` matching `expected` exactly.
+    """Reads a checkpoint into `{param path: device array}` matching `expected` exactly.
 
     expected: our flat parameter paths -> abstract shape/dtype (from the model's eval_shape).
     """
-    ckpt = SafetensorsDir(path)
     plan: dict[str, tuple[str, _Transform]] = {}
     unexpected, misshaped, misshaped_targets = [], [], set()
     for name, entry in ckpt.entries.items():
@@ -101,7 +103,7 @@ def load_hf_params(
             parts.append(f"unexpected {len(unexpected)}: {sorted(unexpected)}")
         if misshaped:
             parts.append(f"mis-shaped {len(misshaped)}: {misshaped}")
-        raise FerrumError.invalid_config(f"checkpoint {path} does not match the model config; " + "; ".join(parts))
+        raise FerrumError.invalid_config(f"checkpoint {ckpt.path} does not match the model config; " + "; ".join(parts))
 
     out = {}
     for target in tqdm(sorted(plan), desc="loading weights", unit="tensor", disable=not progress):

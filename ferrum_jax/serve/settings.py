@@ -44,7 +44,7 @@ def flag(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
-    model: str | None = None  # HF model dir, ferrum checkpoint dir, or preset name; None: the tiny preset
+    model: str | None = None  # HF model dir, ferrum checkpoint dir, GGUF file, or preset name; None: the default model
     preset: str | None = None  # a model preset of configs/ (excludes model)
     tokenizer: str | None = None  # dir with tokenizer.json, or "byte"; None: the model's own
     served_model_name: tuple[str, ...] = ()  # names clients may use; the first is reported
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML file with any of these settings (flags override it)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", help="HF model dir (config.json + safetensors), ferrum checkpoint, or preset name (default: tiny)")
+    which.add_argument("--model", help="HF model dir (config.json + safetensors), ferrum checkpoint, GGUF file, or preset name (default: SmolLM2-135M-Instruct, embedded)")
     which.add_argument("--preset", help="a model preset of configs/ (seeded random weights, byte-level tokenizer), e.g. bench_125m")
     p.add_argument("--tokenizer", help="dir with tokenizer.json, or 'byte' for the byte-level tokenizer (default: the model's)")
     p.add_argument("--served-model-name", nargs="+", help="model name(s) clients use; the first is reported")

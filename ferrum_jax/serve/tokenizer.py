@@ -2,7 +2,7 @@
 
 `Tokenizer` is what the serving layer programs against: text <-> ids, the special tokens the
 engine stops on, and chat-template rendering. Two implementations exist: `HFTokenizer` for real
-checkpoints (here) and `ByteTokenizer` for the embedded `tiny` preset (`byte_tokenizer.py`);
+checkpoints (here) and `ByteTokenizer` for the `tiny` preset (`byte_tokenizer.py`);
 `load_tokenizer(model_dir)` picks between them.
 
 `HFTokenizer` reads the files a HF model directory ships and behaves like transformers'
@@ -281,7 +281,7 @@ class HFTokenizer(Tokenizer):
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
 
         if backend.post_processor is None and (config.get("add_bos_token") or config.get("add_eos_token")):
-            backend.post_processor = _bos_eos_processor(
+            backend.post_processor = bos_eos_processor(
                 backend, special_tokens, bool(config.get("add_bos_token")), bool(config.get("add_eos_token"))
             )
 
@@ -350,7 +350,7 @@ class HFTokenizer(Tokenizer):
         return self._compiled[name]
 
 
-def _bos_eos_processor(backend: tokenizers.Tokenizer, special_tokens: Mapping[str, str], add_bos: bool, add_eos: bool):
+def bos_eos_processor(backend: tokenizers.Tokenizer, special_tokens: Mapping[str, str], add_bos: bool, add_eos: bool):
     # The template transformers' `update_post_processor` builds: bos/eos around each sequence of a pair.
     bos, eos = special_tokens.get("bos_token"), special_tokens.get("eos_token")
     add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
@@ -362,11 +362,19 @@ def _bos_eos_processor(backend: tokenizers.Tokenizer, special_tokens: Mapping[st
     )
 
 
-def load_tokenizer(model_dir: str | Path | None, chat_template: str | None = None) -> Tokenizer:
-    """The tokenizer for `model_dir`, or the byte-level tokenizer of the embedded `tiny` preset when None."""
-    if model_dir is None:
-        # Imported here because byte_tokenizer.py builds on the `Tokenizer` base defined above.
+def load_tokenizer(model_path: str | Path | None, chat_template: str | None = None) -> Tokenizer:
+    """The tokenizer of `model_path` (a HF directory, a GGUF file or a directory holding one), or
+    the byte-level tokenizer of the `tiny` preset when None."""
+    # Imported here because both modules build on the classes defined above.
+    if model_path is None:
         from ferrum_jax.serve.byte_tokenizer import ByteTokenizer
 
         return ByteTokenizer(chat_template=chat_template)
-    return HFTokenizer.from_dir(model_dir, chat_template=chat_template)
+    from ferrum_jax.models.gguf_file import find_gguf
+
+    gguf = find_gguf(model_path)
+    if gguf is not None:
+        from ferrum_jax.serve.gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(gguf, chat_template=chat_template)
+    return HFTokenizer.from_dir(model_path, chat_template=chat_template)

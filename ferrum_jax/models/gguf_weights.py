@@ -1,0 +1,88 @@
+"""A GGUF file seen as a HF checkpoint: HF tensor names, HF shapes, float32 host arrays.
+
+`GGUFCheckpoint` has the `entries` / `read` surface of `SafetensorsDir`, so `load_hf_params`
+(its name table, one-error mismatch report, progress bar and shard-by-shard placement) loads
+GGUF files unchanged. Two things differ from a HF file and are undone here:
+
+- names: llama.cpp's `blk.N.attn_q.weight` is HF's `model.layers.N.self_attn.q_proj.weight`;
+- RoPE layout: for `llama`/`mistral` files llama.cpp's converter permutes the rows of q and k
+  (within each head, the two rotated halves are interleaved pairwise, the layout its rotary
+  kernel wants). HF's `rotate_half` wants the halves contiguous, so the rows are put back.
+  Qwen files are written unpermuted (llama.cpp rotates them in the NeoX layout, which is HF's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from ferrum_jax.models.gguf_file import GGUFFile
+
+_B = r"blk\.(\d+)\."
+_NAMES = [
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (_B + r"attn_norm\.weight", "model.layers.{0}.input_layernorm.weight"),
+    (_B + r"ffn_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
+    (_B + r"attn_q\.(weight|bias)", "model.layers.{0}.self_attn.q_proj.{1}"),
+    (_B + r"attn_k\.(weight|bias)", "model.layers.{0}.self_attn.k_proj.{1}"),
+    (_B + r"attn_v\.(weight|bias)", "model.layers.{0}.self_attn.v_proj.{1}"),
+    (_B + r"attn_output\.(weight|bias)", "model.layers.{0}.self_attn.o_proj.{1}"),
+    (_B + r"attn_q_norm\.weight", "model.layers.{0}.self_attn.q_norm.weight"),
+    (_B + r"attn_k_norm\.weight", "model.layers.{0}.self_attn.k_norm.weight"),
+    (_B + r"ffn_gate\.weight", "model.layers.{0}.mlp.gate_proj.weight"),
+    (_B + r"ffn_up\.weight", "model.layers.{0}.mlp.up_proj.weight"),
+    (_B + r"ffn_down\.weight", "model.layers.{0}.mlp.down_proj.weight"),
+]
+# Consumed by the config (Llama 3's RoPE scaling), not a parameter.
+_CONFIG_TENSORS = {"rope_freqs.weight"}
+_PERMUTED_ARCHS = ("llama", "mistral")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    gguf_name: str
+    shape: tuple[int, ...]
+
+
+def hf_name(gguf_name: str) -> str:
+    """The HF name of a GGUF tensor; an unknown name is returned as is (and reported as unexpected)."""
+    for pattern, template in _NAMES:
+        m = re.fullmatch(pattern, gguf_name)
+        if m:
+            return template.format(*m.groups())
+    return gguf_name
+
+
+class GGUFCheckpoint:
+    """`entries` (HF name -> entry with `.shape`) and `read(HF name)` over one GGUF file."""
+
+    def __init__(self, f: GGUFFile, hf_config: dict):
+        self.path = f.path
+        self._file = f
+        self.entries = {
+            hf_name(t.name): _Entry(t.name, t.shape) for t in f.tensors.values() if t.name not in _CONFIG_TENSORS
+        }
+        permuted = hf_config["model_type"] in _PERMUTED_ARCHS
+        heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+        self._row_groups = {}
+        if permuted:
+            for name in self.entries:
+                if ".self_attn.q_proj." in name:
+                    self._row_groups[name] = heads
+                elif ".self_attn.k_proj." in name:
+                    self._row_groups[name] = kv_heads
+
+    def read(self, name: str) -> np.ndarray:
+        values = self._file.dequantize(self.entries[name].gguf_name)
+        heads = self._row_groups.get(name)
+        return values if heads is None else _unpermute_rows(values, heads)
+
+
+def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's q/k row permutation: per head, rows [pairs, 2] -> [2, pairs]."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
