@@ -2,10 +2,13 @@
 
     python -m ferrum_jax.bench            # ~125M Llama (768 hidden, 12 layers, GQA 12q/4kv)
     python -m ferrum_jax.bench --quick    # small config, for a smoke run
+    python -m ferrum_jax.bench --default-model   # SmolLM2-135M-Instruct (the GGUF), both sides
 
 A random-init Llama is built with transformers (seeded), written with
 `save_pretrained`, and loaded by `JaxModelExecutor.from_pretrained`; the torch model
-that wrote the files is the HF side of every comparison.
+that wrote the files is the HF side of every comparison. With `--default-model` both
+sides load the default model's GGUF file instead (transformers through its GGUF loader),
+dequantized to float32.
 
 Method (all timings: wall clock, median over `--repeats` runs, after warmup runs of
 the identical shapes, so JAX compilation is excluded):
@@ -245,6 +248,7 @@ def machine_info(torch, transformers, load_at_start: tuple[float, ...]) -> list[
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ferrum_jax.bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small model and shapes (smoke run)")
+    p.add_argument("--default-model", action="store_true", help="SmolLM2-135M-Instruct (GGUF) instead of a random Llama")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
     p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per decode measurement")
     p.add_argument("--prefill-len", type=int, default=None, help="single-prompt prefill length")
@@ -284,28 +288,37 @@ async def run(args) -> None:
         sys.exit(f"--max-seq {max_seq} is below the {needed} tokens the measurements need")
     rng = np.random.default_rng(SEED)
 
+    if args.default_model:
+        path = fj.default_model_path()
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        vocab, source = model.config.vocab_size, path
+    else:
+        model = build_hf_model(shape, max_seq)
+        vocab, source = shape.vocab, None
+
     def prompts(n: int, length: int) -> list[np.ndarray]:
-        return [rng.integers(3, shape.vocab, size=length, dtype=np.int32) for _ in range(n)]
+        return [rng.integers(3, vocab, size=length, dtype=np.int32) for _ in range(n)]
 
     long_prompt = prompts(1, args.prefill_len)
     batch_prompts = prompts(args.batch, args.batch_prefill_len)
     decode_prompt = prompts(1, args.decode_prompt_len)
     # Ragged lengths make HF's left-padding (and ferrum's ragged batching) do real work.
     lengths = np.linspace(args.decode_prompt_len // 2, args.decode_prompt_len, args.batch).astype(int)
-    decode_batch = [rng.integers(3, shape.vocab, size=int(n), dtype=np.int32) for n in lengths]
+    decode_batch = [rng.integers(3, vocab, size=int(n), dtype=np.int32) for n in lengths]
 
-    model = build_hf_model(shape, max_seq)
     hf = HFSide(model)
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d, safe_serialization=True)
+        if source is None:
+            model.save_pretrained(d, safe_serialization=True)
         t = time.perf_counter()
         ex = fj.JaxModelExecutor.from_pretrained(
-            d, dtype="float32", page_size=16, max_batch_size=args.batch, max_sequence_length=max_seq
+            source or d, dtype="float32", page_size=16, max_batch_size=args.batch, max_sequence_length=max_seq
         )
         load_s = time.perf_counter() - t
     ferrum = FerrumSide(ex, fj)
 
-    print(f"model: Llama {shape}, {n_params(model) / 1e6:.1f}M params, float32; ferrum load {load_s:.1f}s")
+    what = f"{source.name} (GGUF)" if source else f"Llama {shape}"
+    print(f"model: {what}, {n_params(model) / 1e6:.1f}M params, float32; ferrum load {load_s:.1f}s")
     for k, v in machine_info(torch, transformers, load_at_start):
         print(f"{k}: {v}")
 
@@ -370,6 +383,7 @@ SUBCOMMANDS = {
     "serve-vs-hf": "ferrum_jax.bench_serve_vs_hf",  # the server vs HF static batches
     "spec": "ferrum_jax.bench_spec",  # n-gram speculation vs plain decoding
     "tp": "ferrum_jax.bench_tp",  # tensor-parallel overhead on fake CPU devices
+    "startup": "ferrum_jax.bench_startup",  # default model load and time to a healthy server
 }
 
 

@@ -91,8 +91,9 @@ def byte_level_vocab() -> Vocab:
 
 
 def hf_model(kind: str, **overrides) -> transformers.PreTrainedModel:
-    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
-    config = config_cls[kind](**{**SHAPE, "tie_word_embeddings": kind != "llama", **overrides})
+    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}  # fmt: skip
+    config = config_cls[kind](**{**SHAPE, "tie_word_embeddings": kind not in ("llama", "mistral"), **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(7)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -151,12 +152,15 @@ def test_qwen_gguf_matches_transformers(kind, tensor_type, tmp_path):
     assert_close(ferrum_logits(path, TOKENS), transformers_logits(path, TOKENS))
 
 
-def test_float_gguf_matches_the_hf_model_it_came_from(llama_model, tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_float_gguf_matches_the_hf_model_it_came_from(kind, llama_model, tmp_path):
     """An F32 file holds the HF weights exactly: the model they came from is an oracle too,
-    independent of transformers' GGUF loader (q/k permutation and names undone here)."""
-    path = write_gguf(llama_model, tmp_path / "m.gguf", "F32", sentencepiece_vocab())
+    independent of transformers' GGUF loader (q/k permutation and names undone here). Mistral
+    is written as llama.cpp writes it, under the `llama` architecture."""
+    model = llama_model if kind == "llama" else hf_model("mistral", sliding_window=None)
+    path = write_gguf(model, tmp_path / "m.gguf", "F32", sentencepiece_vocab())
     with torch.inference_mode():
-        ref = llama_model(torch.tensor([TOKENS])).logits[0].numpy()
+        ref = model(torch.tensor([TOKENS])).logits[0].numpy()
     assert_close(ferrum_logits(path, TOKENS), ref)
 
 
