@@ -289,9 +289,9 @@ def test_warmup_compiles_every_bucket_once_and_then_nothing(no_persistent_cache)
     w = fj.JaxModelExecutor.from_preset("tiny", dtype="float32", **{**LIMITS, "max_batch_size": 2, "max_num_batched_tokens": 32})
     n_before = len(compiles)
     run(w.warmup())
-    # T buckets 16,32 x S buckets 1,2 x {per-seq rows, all rows}; sampling: per-seq rows only;
-    # distributions: one per T bucket
-    assert w.num_step_programs() == (2 * 2 * 2, 2 * 2, 2)
+    # T buckets 16,32 x S buckets 1,2 x {per-seq rows, all rows}, plus the decode buckets
+    # T = S = 1, 2; sampling: per-seq rows only; distributions: one per T bucket
+    assert w.num_step_programs() == (2 * 2 * 2 + 2, 2 * 2 + 2, 2)
     assert programs(w) == w.num_step_programs()
     assert len(compiles) - n_before == sum(w.num_step_programs())
 

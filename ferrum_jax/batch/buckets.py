@@ -5,6 +5,10 @@ seqs S: powers of two from 1 up to `max_num_seqs` (likewise), S <= T;
 logit rows L: either S (one row per sequence: decode, last chunk) or T (every row: full
 prefill logits, speculative verify), so the lm_head never runs over more rows than needed
 and the program count stays |T| x |S| x 2 at most.
+Decode buckets: a step of at most one token per sequence with fewer than 16 sequences runs at
+T = S (shapes (S, S, S) for S = 1, 2, 4, 8), because every GEMM of the step costs by its rows
+and a batch-1 decode padded to 16 rows pays ~3x for its weights' traffic on CPU. That adds one
+logits and one sampling program per small S, not a T x S grid.
 `pages_per_seq` is fixed by the maximum sequence length.
 """
 
@@ -62,13 +66,20 @@ class BucketSpec:
     def seq_bucket(self, n: int) -> int:
         return _smallest_at_least(self.seq_buckets, n, "sequences")
 
+    @property
+    def decode_buckets(self) -> tuple[int, ...]:
+        return tuple(s for s in self.seq_buckets if s < MIN_TOKEN_BUCKET)
+
     def shape_for(self, num_tokens: int, num_seqs: int, all_rows: bool) -> StepShape:
+        s = self.seq_bucket(num_seqs)
+        if num_tokens <= s < MIN_TOKEN_BUCKET:
+            return StepShape(tokens=s, seqs=s, logit_rows=s)
         t = self.token_bucket(num_tokens)
-        s = min(self.seq_bucket(num_seqs), t)
+        s = min(s, t)
         return StepShape(tokens=t, seqs=s, logit_rows=t if all_rows else s)
 
     def all_shapes(self) -> list[StepShape]:
-        shapes = []
+        shapes = [StepShape(s, s, s) for s in self.decode_buckets]
         for t in self.token_buckets:
             for s in (s for s in self.seq_buckets if s <= t):
                 shapes.append(StepShape(t, s, s))

@@ -5,7 +5,7 @@ head_dim]`, identical to what `pallas_kernels.ragged_paged_attention` reads, so 
 ever happens per step. The leading kv-head axis is the one tensor parallelism shards.
 
 `AttentionBackend.kind` is resolved by the executor from `attention="auto" | "xla" |
-"pallas"`: `"xla"` is the pure-jnp reference (the CPU default), `"pallas"` the kernel for
+"pallas"`: `"xla"` is the blocked jnp path whose cost follows the real kv lengths (the CPU default), `"pallas"` the kernel for
 the current backend, `"pallas_interpret"` the kernel in Pallas interpret mode (CPU tests).
 
 Under tensor parallelism attention runs inside `shard_map`, one call per model shard on
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels import ragged_paged_attention, ragged_paged_attention_xla
 
 IMPLS = ("xla", "pallas", "pallas_interpret")
 
@@ -81,7 +81,7 @@ def paged_attention(
 
     def attend(q, k, v, *rest):
         if backend.kind == "xla":
-            return ragged_paged_attention_reference(q, k, v, *rest, sm_scale=sm_scale, sliding_window=sliding_window)
+            return ragged_paged_attention_xla(q, k, v, *rest, sm_scale=sm_scale, sliding_window=sliding_window)
         return ragged_paged_attention(
             q, k, v, *rest, sm_scale=sm_scale, sliding_window=sliding_window,
             interpret=backend.kind == "pallas_interpret",

@@ -85,7 +85,13 @@ def param_specs(cfg: ModelConfig, tp: int, paths) -> dict[str, P]:
 
 
 def kv_spec(cfg: ModelConfig, tp: int) -> P:
-    """KV pages `[kv_heads, num_pages, page_size, head_dim]`."""
+    """KV pages `[kv_heads, num_pages, page_size, head_dim]`.
+
+    Without tensor parallelism this is P(), the sharding the step hands the donated pages back
+    with: a ("model", ...) spec over a 1-device axis compares unequal to it, so the first program
+    would be traced again once fed its own output."""
+    if tp == 1:
+        return P()
     return P("model" if kv_heads_sharded(cfg, tp) else None, None, None, None)
 
 

@@ -2,5 +2,6 @@
 
 from pallas_kernels.ragged_paged_attention.dispatch import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention.xla import ragged_paged_attention_xla
 
-__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference"]
+__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "ragged_paged_attention_xla"]

@@ -1,13 +1,15 @@
 """Backend selection for ragged paged attention.
 
 backend:
-  "auto"       the Mosaic kernel on TPU, the Triton kernel on GPU, the jnp reference on CPU. With
+  "auto"       the Mosaic kernel on TPU, the Triton kernel on GPU, the XLA path on CPU. With
                interpret=True on CPU it runs the TPU kernel in the TPU interpreter instead, since
                that interpreter simulates DMAs and semaphores faithfully.
   "tpu"        the Mosaic kernel (tpu_kernel.py); interpret=True uses the TPU interpreter with
                race detection.
   "gpu"        the Triton kernel (gpu_kernel.py); interpret=True uses the Pallas interpreter.
-  "reference"  the jnp reference (reference.py), the XLA path; interpret is irrelevant.
+  "xla"        blocked online-softmax jnp (xla.py) whose cost follows the real kv lengths: the
+               CPU path; interpret is irrelevant.
+  "reference"  the plain jnp reference (reference.py), the oracle; interpret is irrelevant.
 
 Block sizes are performance hints, so a kernel ignores the ones it has no use for (the TPU
 kernel has no kv_splits, the reference has none); names outside BLOCK_SIZE_NAMES are an error.
@@ -18,12 +20,14 @@ import jax
 from pallas_kernels.ragged_paged_attention.gpu_kernel import ragged_paged_attention_gpu
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention.tpu_kernel import ragged_paged_attention_tpu
+from pallas_kernels.ragged_paged_attention.xla import ragged_paged_attention_xla
 
-BACKENDS = ("auto", "tpu", "gpu", "reference")
+BACKENDS = ("auto", "tpu", "gpu", "xla", "reference")
 BLOCK_SIZE_NAMES = ("queries_per_block", "pages_per_block", "kv_splits")
 _KERNEL_BLOCK_SIZES = {
     "tpu": ("queries_per_block", "pages_per_block"),
     "gpu": ("queries_per_block", "pages_per_block", "kv_splits"),
+    "xla": (),
     "reference": (),
 }
 
@@ -39,7 +43,7 @@ def resolve_backend(backend, interpret):
     return "tpu"
   if platform == "gpu":
     return "gpu"
-  return "tpu" if interpret else "reference"
+  return "tpu" if interpret else "xla"
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
@@ -64,4 +68,6 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     return ragged_paged_attention_tpu(*args, **options, interpret=interpret, **kwargs)
   if chosen == "gpu":
     return ragged_paged_attention_gpu(*args, **options, interpret=interpret, **kwargs)
+  if chosen == "xla":
+    return ragged_paged_attention_xla(*args, **options)
   return ragged_paged_attention_reference(*args, **options)

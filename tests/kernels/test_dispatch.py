@@ -15,16 +15,16 @@ from .ragged_batches import make_batch
 
 def test_auto_on_cpu():
   assert jax.default_backend() == "cpu"
-  assert resolve_backend("auto", interpret=False) == "reference"
+  assert resolve_backend("auto", interpret=False) == "xla"
   assert resolve_backend("auto", interpret=True) == "tpu"
   assert resolve_backend("gpu", interpret=True) == "gpu"
 
 
-def test_auto_matches_reference_and_ignores_unused_block_sizes():
+def test_auto_matches_xla_and_ignores_unused_block_sizes():
   batch = make_batch(np.random.default_rng(0), MIXED, **DEFAULT_CONFIG)
   auto = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.125, kv_splits=2,
                                                     pages_per_block=3))(*batch.args)
-  ref = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.125, backend="reference"))(
+  ref = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.125, backend="xla"))(
       *batch.args)
   np.testing.assert_array_equal(np.asarray(auto), np.asarray(ref))
 

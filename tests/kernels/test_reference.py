@@ -1,4 +1,4 @@
-"""The jnp reference against a naive per-sequence numpy loop."""
+"""The jnp reference and the blocked XLA path against a naive per-sequence numpy loop."""
 
 import functools
 
@@ -7,25 +7,27 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference, ragged_paged_attention_xla
+from pallas_kernels.ragged_paged_attention.xla import KV_BLOCK
 from .cases import CASES, DEFAULT_CONFIG, OPTIONS, random_lens
 from .ragged_batches import make_batch, naive_attention
 
-# float32: the reference accumulates in float32 over <= 48 kv positions, so ~1e-6 error.
+IMPLS = {"reference": ragged_paged_attention_reference, "xla": ragged_paged_attention_xla}
+# float32: both accumulate in float32 over <= 48 kv positions, so ~1e-6 error.
 # bfloat16: inputs are identical bf16 values and math is float32, so only the final rounding to
 # bfloat16 (relative 2**-8) separates it from the float64 oracle.
 TOLERANCE = {"float32": 2e-5, "bfloat16": 1e-2}
 
 
 @functools.cache
-def _compiled(options):
-  return jax.jit(lambda *a, sm_scale: ragged_paged_attention_reference(
+def _compiled(impl, options):
+  return jax.jit(lambda *a, sm_scale: IMPLS[impl](
       *a, sm_scale=sm_scale, **dict(options)), static_argnames="sm_scale")
 
 
-def _check(batch, dtype, **options):
+def _check(impl, batch, dtype, **options):
   sm_scale = batch.q.shape[-1] ** -0.5
-  out = _compiled(tuple(sorted(options.items())))(*batch.args, sm_scale=sm_scale)
+  out = _compiled(impl, tuple(sorted(options.items())))(*batch.args, sm_scale=sm_scale)
   assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
   out = np.asarray(out, np.float64)
   expected = naive_attention(batch, sm_scale=sm_scale, **options)
@@ -36,62 +38,54 @@ def _check(batch, dtype, **options):
   np.testing.assert_allclose(out[:n], expected[:n], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_cases(name):
+def test_cases(name, impl):
   lens, overrides = CASES[name]
   config = {**DEFAULT_CONFIG, **overrides}
   batch = make_batch(np.random.default_rng(0), lens, **config)
-  _check(batch, config["dtype"])
+  _check(impl, batch, config["dtype"])
 
 
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("options", [*OPTIONS.values(), dict(soft_cap=2.0)])
-def test_sliding_window_and_soft_cap(options):
+def test_sliding_window_and_soft_cap(options, impl):
   lens, _ = CASES["mixed"]
   batch = make_batch(np.random.default_rng(1), lens, **DEFAULT_CONFIG)
-  _check(batch, "float32", **options)
+  _check(impl, batch, "float32", **options)
 
 
-def test_random_batches():
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_random_batches(impl):
   rng = np.random.default_rng(2)
   for _ in range(4):
     batch = make_batch(rng, random_lens(rng, **DEFAULT_CONFIG), **DEFAULT_CONFIG)
-    _check(batch, "float32")
+    _check(impl, batch, "float32")
 
 
-def test_bucket_larger_than_one_chunk():
-  config = {**DEFAULT_CONFIG, "num_tokens": 150, "num_seqs_max": 8, "pages_per_seq": 8}
-  lens = [(40, 60), (1, 33), (64, 64), (0, 0), (21, 50), (1, 1)]
-  _check(make_batch(np.random.default_rng(4), lens, **config), "float32")
-
-
-def test_dynamic_num_seqs_reuses_compilation():
-  lens, _ = CASES["mixed"]
-  batch = make_batch(np.random.default_rng(3), lens, **DEFAULT_CONFIG)
-  fn = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.125, backend="reference"))
-  full = fn(*batch.args)
-  fewer = fn(*batch.args[:-1], jnp.asarray(2, jnp.int32))
-  assert fn._cache_size() == 1
-  n = int(batch.cu_q_lens[2])
-  np.testing.assert_array_equal(np.asarray(fewer[:n]), np.asarray(full[:n]))
-  assert np.all(np.asarray(fewer[n:]) == 0)
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_q_heads=6, num_kv_heads=4), "num_q_heads=6"),
-    (dict(sliding_window=0), "sliding_window=0"),
-    (dict(soft_cap=0.0), "soft_cap=0.0"),
-])
-def test_bad_static_arguments(kwargs, message):
-  num_q_heads = kwargs.pop("num_q_heads", 4)
-  num_kv_heads = kwargs.pop("num_kv_heads", 2)
-  q = jnp.zeros((8, num_q_heads, 64))
-  pages = jnp.zeros((num_kv_heads, 4, 8, 64))
-  tables = (jnp.zeros(2, jnp.int32), jnp.zeros((2, 2), jnp.int32), jnp.zeros(3, jnp.int32))
-  with pytest.raises(ValueError, match=message):
-    ragged_paged_attention_reference(q, pages, pages, *tables, jnp.asarray(1), sm_scale=1.0,
-                                     **kwargs)
-
-
-def test_unknown_backend():
-  with pytest.raises(ValueError, match="backend='cuda'"):
-    ragged_paged_attention(*[None] * 7, sm_scale=1.0, backend="cuda")
+@pytest.mark.parametrize("window", [None, 40])
+def test_xla_path_reads_no_block_outside_the_attended_range(window):
+  """Capacity 1024 positions, contexts of 300-400: every page outside the blocks any live token
+  attends to (past the longest context's block, and with a window before the earliest attended
+  block) is NaN. The XLA path must not read them (a read turns the output NaN), which is what
+  makes its cost follow the real kv lengths instead of the capacity."""
+  config = dict(DEFAULT_CONFIG, pages_per_seq=128, num_tokens=16, num_seqs_max=4)
+  lens = [(1, 400), (3, 300), (5, 350)]
+  batch = make_batch(np.random.default_rng(5), lens, **config)
+  block = KV_BLOCK
+  block_pages = block // config["page_size"]
+  lo = 0 if window is None else min(max(0, kv - q - window + 1) for q, kv in lens) // block
+  hi = -(-max(kv for _, kv in lens) // block)
+  table = np.array(batch.page_indices)
+  read = {int(p) for p in table[: len(lens), lo * block_pages : hi * block_pages].ravel()}
+  poison = np.array([p not in read for p in range(batch.k_pages.shape[1])])
+  # A kernel walking the whole capacity (or the window's prefix) would meet poisoned pages.
+  assert poison[table[: len(lens), hi * block_pages :]].any()
+  assert window is None or poison[table[: len(lens), : lo * block_pages]].any()
+  k = jnp.where(poison[None, :, None, None], jnp.nan, batch.k_pages)
+  v = jnp.where(poison[None, :, None, None], jnp.nan, batch.v_pages)
+  args = (batch.q, k, v, *batch.args[3:])
+  out = np.asarray(jax.jit(lambda *a: ragged_paged_attention_xla(*a, sm_scale=0.125, sliding_window=window))(*args))
+  expected = naive_attention(batch, sm_scale=0.125, sliding_window=window)
+  n = batch.num_valid_tokens
+  np.testing.assert_allclose(out[:n], expected[:n], atol=2e-5, rtol=2e-5)
