@@ -66,7 +66,10 @@ class Attention(nnx.Module):
             sliding_window=self.sliding_window,
             backend=backend,
         )
-        out_td = jnp.einsum("tnh,nhd->td", attn_tnh, self.wo[...])
+        # One contraction over heads * head_dim: contracting (n, h) as two axes made XLA:CPU
+        # write a relaid-out copy of wo on every step.
+        t, n, h = attn_tnh.shape
+        out_td = jnp.einsum("tk,kd->td", attn_tnh.reshape(t, n * h), self.wo[...].reshape(n * h, -1))
         if self.bo is not None:
             out_td = out_td + self.bo[...]
         return out_td, k_pages, v_pages

@@ -74,7 +74,11 @@ class CausalLM(nnx.Module):
             new_k.append(k)
             new_v.append(v)
         h_ld = self.final_norm(jnp.take(h_td, logits_indices_l, axis=0))
-        head_dv = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits_lv = jnp.einsum("ld,dv->lv", h_ld, head_dv, preferred_element_type=jnp.float32)
+        if self.lm_head is None:
+            # Contract with the embedding as stored, [vocab, hidden]: a `.T` here made XLA:CPU
+            # write a transposed copy of the whole table on every step.
+            logits_lv = jnp.einsum("ld,vd->lv", h_ld, self.embed[...], preferred_element_type=jnp.float32)
+        else:
+            logits_lv = jnp.einsum("ld,dv->lv", h_ld, self.lm_head[...], preferred_element_type=jnp.float32)
         chex.assert_shape(logits_lv, (logits_indices_l.shape[0], self.cfg.vocab_size))
         return logits_lv.astype(jnp.float32), new_k, new_v

@@ -59,11 +59,13 @@ class AttentionMetadata:
 
 
 def write_kv(pages_hpsd: jax.Array, new_tkh: jax.Array, slot_mapping: jax.Array) -> jax.Array:
-    """Scatters `new_tkh` `[tokens, kv_heads, head_dim]` into the pages at `slot_mapping`."""
-    h, p, s, d = pages_hpsd.shape
-    flat = pages_hpsd.reshape(h, p * s, d)
-    flat = flat.at[:, slot_mapping, :].set(jnp.swapaxes(new_tkh, 0, 1).astype(flat.dtype))
-    return flat.reshape(h, p, s, d)
+    """Scatters `new_tkh` `[tokens, kv_heads, head_dim]` into the pages at `slot_mapping`.
+
+    Indexed by (page, offset) on the pages as they are: flattening them to `[.., pages *
+    page_size, ..]` first made XLA:CPU copy each layer's whole pool around the update."""
+    page_size = pages_hpsd.shape[2]
+    new_htd = jnp.swapaxes(new_tkh, 0, 1).astype(pages_hpsd.dtype)
+    return pages_hpsd.at[:, slot_mapping // page_size, slot_mapping % page_size, :].set(new_htd)
 
 
 def paged_attention(
