@@ -19,8 +19,9 @@ import numpy as np
 
 from ferrum_jax.interfaces.errors import FerrumError
 
-# The tensor types a file may hold. Each K-quant needs rows that are a multiple of 256, the
-# others of 32; llama.cpp writes nothing else for the Llama/Mistral/Qwen families at these types.
+# The tensor types a file may hold: the float types and llama.cpp's _0/_1 and K-quant families,
+# which its common quantizations (Q8_0, Q4_K_M, Q5_K_M, ...) are made of. The IQ and ternary
+# types are refused by name.
 SUPPORTED_TENSOR_TYPES = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
 )  # fmt: skip
