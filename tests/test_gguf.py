@@ -203,6 +203,7 @@ def test_tokenizer_from_gguf_matches_transformers(vocab, llama_model, tmp_path):
     assert ours.apply_chat_template(MESSAGES) == ref.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert ours.bos_token_id == ref.bos_token_id and ours.eos_token_ids[0] == ref.eos_token_id
     assert ours.vocab_size == len(ref) == VOCAB
+    assert fj.JaxModelExecutor.from_pretrained(tmp_path, progress=False, **LIMITS).info().model_id == "tok"
 
 
 def test_convert_keeps_the_source_dtype(llama_model, tmp_path):
