@@ -11,9 +11,9 @@ A model is named the same way wherever one is asked for (`--model`, `--speculati
 `--preset NAME` is the explicit spelling of the third form. With neither flag the server runs
 the embedded default model (`ferrum_jax.default_model`: SmolLM2-135M-Instruct from a wheel).
 
-A model preset is a file of
-`configs/` whose `model` is a HF-style config mapping (`tiny.yaml`, `bench_125m.yaml`); the
-serving configs beside them are not presets, and naming one is an error listing the presets.
+A model preset is a file of `configs/` whose `model` is a HF-style config mapping (`tiny.yaml`,
+`bench_125m.yaml`); the serving configs beside them are not presets, and naming one is an
+error listing the presets.
 
 Presets ship no tokenizer files and are served with the byte-level tokenizer: its 320 ids fit
 any preset vocabulary of at least 320, and ids past them (bench_125m has 32000) are tokens

@@ -2,8 +2,8 @@
 
 `Tokenizer` is what the serving layer programs against: text <-> ids, the special tokens the
 engine stops on, and chat-template rendering. Two implementations exist: `HFTokenizer` for real
-checkpoints (here) and `ByteTokenizer` for the `tiny` preset (`byte_tokenizer.py`);
-`load_tokenizer(model_dir)` picks between them.
+checkpoints (here; a GGUF file's metadata builds one too, `gguf_tokenizer.py`) and `ByteTokenizer`
+for the `tiny` preset (`byte_tokenizer.py`); `load_tokenizer(model_path)` picks between them.
 
 `HFTokenizer` reads the files a HF model directory ships and behaves like transformers'
 `AutoTokenizer.from_pretrained(dir)` for a fast tokenizer, without importing transformers:
