@@ -21,7 +21,7 @@ from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.checkpoint import checkpoint_dtype, is_ferrum_checkpoint, restore_checkpoint
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.gguf_config import hf_config_from_gguf
-from ferrum_jax.models.gguf_file import GGUFFile, find_gguf
+from ferrum_jax.models.gguf_file import find_gguf, open_gguf
 from ferrum_jax.models.gguf_weights import GGUFCheckpoint
 from ferrum_jax.models.param_tree import abstract_model, flatten_state, param_shardings, unflatten_into
 from ferrum_jax.models.safetensors_reader import SafetensorsDir
@@ -45,14 +45,13 @@ def source_dtype(path: str | Path) -> str:
     path = Path(path)
     gguf = find_gguf(path)
     if gguf is not None:
-        kinds = Counter(t.type_name for t in GGUFFile(gguf).tensors.values() if len(t.shape) > 1)
-        common = kinds.most_common(1)[0][0] if kinds else "F32"
-        return {"F16": "float16", "BF16": "bfloat16"}.get(common, "float32")
-    if is_ferrum_checkpoint(path):
+        kinds = Counter(t.type_name for t in open_gguf(gguf).tensors.values() if len(t.shape) > 1)
+    elif is_ferrum_checkpoint(path):
         return checkpoint_dtype(path)
-    kinds = Counter(e.dtype for e in SafetensorsDir(path).entries.values() if e.dtype in ("F32", "F16", "BF16", "F64"))
+    else:
+        kinds = Counter(e.dtype for e in SafetensorsDir(path).entries.values() if e.dtype in ("F32", "F16", "BF16", "F64"))
     common = kinds.most_common(1)[0][0] if kinds else "F32"
-    return {"F16": "float16", "BF16": "bfloat16", "F64": "float32"}.get(common, "float32")
+    return {"F16": "float16", "BF16": "bfloat16"}.get(common, "float32")
 
 
 def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True) -> Loaded:
@@ -60,7 +59,7 @@ def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True) -> Lo
     layout over `mesh`."""
     gguf = find_gguf(path)
     if gguf is not None:
-        f = GGUFFile(gguf)
+        f = open_gguf(gguf)
         hf_config = hf_config_from_gguf(f)
         return _load_named(GGUFCheckpoint(f, hf_config), hf_config, dtype, mesh, progress, gguf.stem)
     if not path.is_dir():

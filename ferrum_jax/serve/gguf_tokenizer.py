@@ -28,7 +28,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from ferrum_jax.interfaces.errors import FerrumError
-from ferrum_jax.models.gguf_file import GGUFFile
+from ferrum_jax.models.gguf_file import GGUFFile, open_gguf
 from ferrum_jax.serve.tokenizer import HFTokenizer, bos_eos_processor
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ _SPLITS["deepseek-r1-qwen"] = _SPLITS["qwen2"]
 
 
 def gguf_tokenizer(path: str | Path, chat_template: str | None = None) -> HFTokenizer:
-    f = GGUFFile(path)
+    f = open_gguf(path)
     kind = f.get("tokenizer.ggml.model")
     tokens = f.get("tokenizer.ggml.tokens")
     if kind not in ("gpt2", "llama") or not tokens:
