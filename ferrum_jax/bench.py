@@ -384,6 +384,7 @@ SUBCOMMANDS = {
     "spec": "ferrum_jax.bench_spec",  # n-gram speculation vs plain decoding
     "tp": "ferrum_jax.bench_tp",  # tensor-parallel overhead on fake CPU devices
     "startup": "ferrum_jax.bench_startup",  # default model load and time to a healthy server
+    "hlo": "ferrum_jax.bench_hlo",  # the compiled batch-1 decode step's HLO, for hlo_bytes.py
 }
 
 
