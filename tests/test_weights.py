@@ -94,7 +94,7 @@ def test_every_mismatch_is_reported_in_one_error(tmp_path):
     with pytest.raises(fj.InvalidConfigError) as err:
         fj.JaxModelExecutor.from_pretrained(path, **LIMITS)
     msg = str(err.value)
-    assert "layers.1.mlp.up" in msg and "missing 1" in msg
+    assert "layers.mlp.up[1]" in msg and "missing 1" in msg
     assert "unexpected 1" in msg and "model.extra_thing.weight" in msg
     assert "model.layers.0.self_attn.k_proj.weight: shape [3, 64], expected [32, 64]" in msg
 

@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from ferrum_jax.kv.pages import allocate_kv_pages, kv_bytes_per_token
 from ferrum_jax.models.paged_attention import AttentionBackend
-from ferrum_jax.models.sharding import kv_spec, make_mesh
+from ferrum_jax.models.sharding import kv_rows, kv_spec, make_mesh
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.param_tree import state_nbytes
 from ferrum_jax.step.ragged_step import make_ragged_step, make_sample_step
@@ -142,8 +142,9 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._state = state
         self.mesh = mesh or make_mesh(1)
         self.tensor_parallel_size = self.mesh.shape["model"]
-        kv_sharding = NamedSharding(self.mesh, kv_spec(cfg, self.tensor_parallel_size))
-        self._kv = allocate_kv_pages(cfg, num_pages, page_size, jnp.dtype(dtype), kv_sharding)
+        tp = self.tensor_parallel_size
+        kv_sharding = NamedSharding(self.mesh, kv_spec(tp))
+        self._kv = allocate_kv_pages(cfg, num_pages, page_size, jnp.dtype(dtype), kv_rows(cfg, tp), kv_sharding)
         backend = AttentionBackend(self.attention_impl, self.mesh)
         self._step = make_ragged_step(graphdef, backend)
         self._sample_step = make_sample_step(graphdef, backend)

@@ -1,8 +1,21 @@
-"""The KV-page pytree: per layer one K and one V array `[kv_heads, num_pages, page_size,
-head_dim]` (the layout `pallas_kernels` reads). Allocated once, donated into every step.
+"""The KV-page pytree: one K and one V array for the whole layer stack, `[kv_heads, num_layers *
+num_pages, page_size, head_dim]`, layer l's page p at row `l * num_pages + p`. Allocated once,
+donated into every step.
 
-Page 0 is reserved: padding tokens write there, so a padded slot never lands in a live
-sequence's page. The allocator never hands it out.
+One array for all layers is what lets the step scan over the layers (one compiled layer body,
+compile time independent of depth) while the KV stays in place: the scan carries the pool and
+each layer reads and writes its own pages through page ids offset by `l * num_pages`. A leading
+layer axis would instead need a per-layer slice of the pool, which XLA materialises as a copy in
+front of an opaque attention kernel. Per layer the layout is what `pallas_kernels`
+reads, so no kernel knows about layers and none relayouts anything per step.
+
+The leading axis holds the KV heads a model shard attends with: all of them without tensor
+parallelism, `num_kv_heads / tp` per shard when the heads split, and when tensor parallelism
+exceeds the KV-head count one row per shard holding the one KV head that shard's query heads
+read (see `sharding.kv_rows`), so a shard never slices a replicated pool.
+
+Page 0 of every layer is reserved: padding tokens write there, so a padded slot never lands in a
+live sequence's page. The allocator never hands it out.
 """
 
 from __future__ import annotations
@@ -19,19 +32,21 @@ from ferrum_jax.models.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KvPages:
-    k: list[jax.Array]
-    v: list[jax.Array]
+    k: jax.Array
+    v: jax.Array
+    num_layers: int = dataclasses.field(metadata=dict(static=True))
 
     @property
     def num_pages(self) -> int:
-        return self.k[0].shape[1]
+        """Pages per layer."""
+        return self.k.shape[1] // self.num_layers
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[2]
+        return self.k.shape[2]
 
     def nbytes(self) -> int:
-        return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
+        return self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
@@ -39,7 +54,10 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
     return 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize
 
 
-def allocate_kv_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> KvPages:
-    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+def allocate_kv_pages(
+    cfg: ModelConfig, num_pages: int, page_size: int, dtype, kv_rows: int, sharding=None
+) -> KvPages:
+    """Zeroed pages; `kv_rows` is the leading axis (see the module docstring)."""
+    shape = (kv_rows, cfg.num_layers * num_pages, page_size, cfg.head_dim)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return KvPages(k=[make() for _ in range(cfg.num_layers)], v=[make() for _ in range(cfg.num_layers)])
+    return KvPages(k=make(), v=make(), num_layers=cfg.num_layers)

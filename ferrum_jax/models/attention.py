@@ -14,16 +14,15 @@ from flax import nnx
 
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.norm import RMSNorm
-from ferrum_jax.models.paged_attention import AttentionBackend, AttentionMetadata, paged_attention, write_kv
+from ferrum_jax.models.paged_attention import AttentionBackend, AttentionMetadata, write_and_attend
 from ferrum_jax.models.params import bias_param, weight_param
 from ferrum_jax.models.rope import apply_rope
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, sliding_window: int | None, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         d, hq, hk, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hk, hd
-        self.sliding_window = sliding_window
         self.wq = weight_param(rngs, (d, hq, hd), d, dtype)
         self.wk = weight_param(rngs, (d, hk, hd), d, dtype)
         self.wv = weight_param(rngs, (d, hk, hd), d, dtype)
@@ -44,8 +43,12 @@ class Attention(nnx.Module):
         v_pages: jax.Array,
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        sliding_window: int | None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """`x_td [tokens, hidden]` -> (`[tokens, hidden]`, updated k_pages, v_pages)."""
+        """`x_td [tokens, hidden]` -> (`[tokens, hidden]`, updated k_pages, v_pages).
+
+        `meta` addresses this layer's pages (`paged_attention.for_layer`). The window is a call
+        argument, not module state, because one module instance serves a whole stack of layers."""
         q_tnh = jnp.einsum("td,dnh->tnh", x_td, self.wq[...])
         k_tkh = jnp.einsum("td,dkh->tkh", x_td, self.wk[...])
         v_tkh = jnp.einsum("td,dkh->tkh", x_td, self.wv[...])
@@ -55,15 +58,15 @@ class Attention(nnx.Module):
             q_tnh, k_tkh = self.q_norm(q_tnh), self.k_norm(k_tkh)
         q_tnh = apply_rope(q_tnh, cos_td, sin_td)
         k_tkh = apply_rope(k_tkh, cos_td, sin_td)
-        k_pages = write_kv(k_pages, k_tkh, meta.slot_mapping)
-        v_pages = write_kv(v_pages, v_tkh, meta.slot_mapping)
-        attn_tnh = paged_attention(
+        attn_tnh, k_pages, v_pages = write_and_attend(
             q_tnh,
+            k_tkh,
+            v_tkh,
             k_pages,
             v_pages,
             meta,
             sm_scale=self.head_dim**-0.5,
-            sliding_window=self.sliding_window,
+            sliding_window=sliding_window,
             backend=backend,
         )
         # One contraction over heads * head_dim: contracting (n, h) as two axes made XLA:CPU

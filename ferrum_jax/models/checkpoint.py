@@ -4,6 +4,10 @@ A ferrum checkpoint directory holds `config.json` (the HF config it came from),
 `ferrum_checkpoint.json` (marker + dtype) and `params/` (an orbax PyTree of the flat
 parameter dict). Restoring takes the target abstract arrays — with their shardings — so
 each device reads only its own shard.
+
+Format 2 stores per-layer parameters stacked (`layers.attn.wq [num_layers, ...]`); format 1
+(one tensor per layer) predates the scanned layer stack and is refused with the command that
+rewrites it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import orbax.checkpoint as ocp
 from ferrum_jax.interfaces.errors import FerrumError
 
 MARKER = "ferrum_checkpoint.json"
+FORMAT = 2
 
 
 def is_ferrum_checkpoint(path: str | Path) -> bool:
@@ -32,7 +37,7 @@ def save_checkpoint(path: str | Path, flat_params: dict[str, jax.Array], hf_conf
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "params", flat_params)
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (path / MARKER).write_text(json.dumps({"format": 1, "dtype": dtype}))
+    (path / MARKER).write_text(json.dumps({"format": FORMAT, "dtype": dtype}))
 
 
 def checkpoint_dtype(path: str | Path) -> str:
@@ -42,6 +47,12 @@ def checkpoint_dtype(path: str | Path) -> str:
 def restore_checkpoint(path: str | Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     """Restores into `target`'s shapes, dtypes and shardings; a mismatch names the tensor."""
     path = Path(path).absolute()
+    fmt = json.loads((path / MARKER).read_text()).get("format")
+    if fmt != FORMAT:
+        raise FerrumError.invalid_config(
+            f"checkpoint {path} has format {fmt}; this ferrum_jax reads format {FORMAT}: convert the original "
+            f"model again with `python -m ferrum_jax.convert SRC {path}`"
+        )
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path / "params")
         stored = getattr(stored, "item_metadata", stored)

@@ -1,18 +1,20 @@
 """The one attention dispatch point: write new K/V into the pages, then attend.
 
-KV page layout (per layer, K and V separately): `[num_kv_heads, num_pages, page_size,
-head_dim]`, identical to what `pallas_kernels.ragged_paged_attention` reads, so no relayout
-ever happens per step. The leading kv-head axis is the one tensor parallelism shards.
+KV pages (see `ferrum_jax.kv.pages`): `[kv_rows, num_layers * num_pages, page_size, head_dim]`
+for K and V, layer l's pages at rows `l * num_pages ...`. `for_layer` offsets a step's page table
+and slot mapping to one layer, so each layer is the `[kv_heads, pages, page_size, head_dim]` pool
+`pallas_kernels.ragged_paged_attention` reads, with no per-layer slice or relayout of the pool.
 
 `AttentionBackend.kind` is resolved by the executor from `attention="auto" | "xla" |
 "pallas"`: `"xla"` is the blocked jnp path whose cost follows the real kv lengths (the CPU default), `"pallas"` the kernel for
 the current backend, `"pallas_interpret"` the kernel in Pallas interpret mode (CPU tests).
 
-Under tensor parallelism attention runs inside `shard_map`, one call per model shard on
-that shard's query heads and its own KV heads (or, with replicated KV heads, the one KV
-head its query heads read). A Pallas kernel is opaque to GSPMD, so it needs this; the
-XLA path takes it too, because left to GSPMD the replicated-KV case all-gathers the
-gathered pages twice per layer. Attention itself then needs no collective at all.
+Under tensor parallelism the KV write and attention run inside `shard_map`, one call per model
+shard on that shard's query heads and its own rows of the pages: its KV heads, or with
+replicated KV heads the one head its query heads read, which the shard picks out of the
+(replicated) new K/V before writing. A Pallas kernel is opaque to GSPMD, so it needs this; the
+XLA path takes it too, because left to GSPMD the replicated-KV case all-gathers the gathered
+pages twice per layer. Attention itself then needs no collective at all.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ class AttentionMetadata:
     num_seqs: jax.Array
 
 
+def for_layer(meta: AttentionMetadata, layer: jax.Array, num_pages: int, page_size: int) -> AttentionMetadata:
+    """`meta` addressing layer `layer`'s pages of the stacked pool (`num_pages` per layer)."""
+    first_page = layer * num_pages
+    return dataclasses.replace(
+        meta, page_table=meta.page_table + first_page, slot_mapping=meta.slot_mapping + first_page * page_size
+    )
+
+
 def write_kv(pages_hpsd: jax.Array, new_tkh: jax.Array, slot_mapping: jax.Array) -> jax.Array:
     """Scatters `new_tkh` `[tokens, kv_heads, head_dim]` into the pages at `slot_mapping`.
 
@@ -68,8 +78,10 @@ def write_kv(pages_hpsd: jax.Array, new_tkh: jax.Array, slot_mapping: jax.Array)
     return pages_hpsd.at[:, slot_mapping // page_size, slot_mapping % page_size, :].set(new_htd)
 
 
-def paged_attention(
+def write_and_attend(
     q_tnh: jax.Array,
+    k_tkh: jax.Array,
+    v_tkh: jax.Array,
     k_pages: jax.Array,
     v_pages: jax.Array,
     meta: AttentionMetadata,
@@ -77,37 +89,47 @@ def paged_attention(
     sm_scale: float,
     sliding_window: int | None,
     backend: AttentionBackend,
-) -> jax.Array:
-    """Causal ragged attention of `q_tnh` `[tokens, q_heads, head_dim]` over the pages."""
-    args = (q_tnh, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.num_seqs)
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes the new `k_tkh`/`v_tkh` `[tokens, kv_heads, head_dim]` at `meta.slot_mapping`, then
+    runs causal ragged attention of `q_tnh` `[tokens, q_heads, head_dim]` over the pages `meta`
+    addresses. Returns (`[tokens, q_heads, head_dim]`, k_pages, v_pages)."""
+    rest = (meta.slot_mapping, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.num_seqs)
 
-    def attend(q, k, v, *rest):
+    def run(q, k_new, v_new, k, v, slot_mapping, kv_lens, page_table, cu_q_lens, num_seqs):
+        k = write_kv(k, k_new, slot_mapping)
+        v = write_kv(v, v_new, slot_mapping)
+        args = (q, k, v, kv_lens, page_table, cu_q_lens, num_seqs)
         if backend.kind == "xla":
-            return ragged_paged_attention_xla(q, k, v, *rest, sm_scale=sm_scale, sliding_window=sliding_window)
-        return ragged_paged_attention(
-            q, k, v, *rest, sm_scale=sm_scale, sliding_window=sliding_window,
-            interpret=backend.kind == "pallas_interpret",
-        )
+            out = ragged_paged_attention_xla(*args, sm_scale=sm_scale, sliding_window=sliding_window)
+        else:
+            out = ragged_paged_attention(
+                *args, sm_scale=sm_scale, sliding_window=sliding_window,
+                interpret=backend.kind == "pallas_interpret",
+            )
+        return out, k, v
 
     mesh = backend.mesh
     if mesh is None or mesh.shape["model"] == 1:
-        return attend(*args)
-    tp, num_kv = mesh.shape["model"], k_pages.shape[0]
+        return run(q_tnh, k_tkh, v_tkh, k_pages, v_pages, *rest)
+    tp, num_kv = mesh.shape["model"], k_tkh.shape[1]
     kv_sharded = num_kv % tp == 0
 
-    def shard(q, k, v, *rest):
+    def shard(q, k_new, v_new, *pages_and_rest):
         if not kv_sharded:
-            # Replicated KV heads: this shard's query heads all read KV head shard*num_kv//tp.
+            # Replicated KV heads: this shard's query heads all read KV head shard*num_kv//tp,
+            # the one its row of the pages holds.
             head = jax.lax.axis_index("model") * num_kv // tp
-            k = jax.lax.dynamic_slice_in_dim(k, head, 1, axis=0)
-            v = jax.lax.dynamic_slice_in_dim(v, head, 1, axis=0)
-        return attend(q, k, v, *rest)
+            k_new = jax.lax.dynamic_slice_in_dim(k_new, head, 1, axis=1)
+            v_new = jax.lax.dynamic_slice_in_dim(v_new, head, 1, axis=1)
+        return run(q, k_new, v_new, *pages_and_rest)
 
-    kv = P("model") if kv_sharded else P()
+    heads = P(None, "model")
+    new_kv = heads if kv_sharded else P()
+    pages = P("model")
     return jax.shard_map(
         shard,
         mesh=mesh,
-        in_specs=(P(None, "model"), kv, kv, P(), P(), P(), P()),
-        out_specs=P(None, "model"),
+        in_specs=(heads, new_kv, new_kv, pages, pages, P(), P(), P(), P(), P()),
+        out_specs=(heads, pages, pages),
         check_vma=False,
-    )(*args)
+    )(q_tnh, k_tkh, v_tkh, k_pages, v_pages, *rest)

@@ -1,4 +1,4 @@
-"""Flat `{"layers.0.attn.wq": array}` views of the model's NNX state.
+"""Flat `{"layers.attn.wq": array}` views of the model's NNX state (per-layer parameters stacked).
 
 Flat dotted paths are what the HF name table targets, what orbax stores (string keys only)
 and what sharding rules match, so one conversion serves all three.

@@ -5,9 +5,11 @@ input axis on "model", so XLA adds one all-reduce after attention and one after 
 embedding and lm_head split over the vocabulary, KV pages split over KV heads. Norms are
 replicated on purpose: they are tiny and every shard needs them whole.
 
-When tensor_parallel_size exceeds the KV-head count (and is a multiple of it), k/v weights
-and the KV pages are replicated on every model shard: each shard computes all KV heads
-for its query heads. The "data" axis (size 1 here) leaves room for replicas.
+When tensor_parallel_size exceeds the KV-head count (and is a multiple of it), k/v weights are
+replicated on every model shard (each shard computes all KV heads) and the KV pages hold one row
+per shard, the KV head its query heads read (`kv_rows`). Per-layer parameters are stacked along
+a leading layer axis, which is never sharded. The "data" axis (size 1 here) leaves room for
+replicas.
 """
 
 from __future__ import annotations
@@ -77,22 +79,25 @@ def param_specs(cfg: ModelConfig, tp: int, paths) -> dict[str, P]:
     for path in paths:
         for pattern, spec in rules:
             if re.fullmatch(pattern, path):
-                specs[path] = spec
+                specs[path] = P(None, *spec) if path.startswith("layers.") else spec
                 break
         else:
             raise FerrumError.internal(f"no sharding rule for parameter {path}")
     return specs
 
 
-def kv_spec(cfg: ModelConfig, tp: int) -> P:
-    """KV pages `[kv_heads, num_pages, page_size, head_dim]`.
+def kv_rows(cfg: ModelConfig, tp: int) -> int:
+    """Leading axis of the KV pages: the KV heads, or one row per shard when heads replicate."""
+    return cfg.num_kv_heads if kv_heads_sharded(cfg, tp) else tp
+
+
+def kv_spec(tp: int) -> P:
+    """KV pages `[kv_rows, layers * num_pages, page_size, head_dim]`, rows split over "model".
 
     Without tensor parallelism this is P(), the sharding the step hands the donated pages back
     with: a ("model", ...) spec over a 1-device axis compares unequal to it, so the first program
     would be traced again once fed its own output."""
-    if tp == 1:
-        return P()
-    return P("model" if kv_heads_sharded(cfg, tp) else None, None, None, None)
+    return P() if tp == 1 else P("model", None, None, None)
 
 
 def named(mesh: Mesh, specs: dict[str, P]) -> dict[str, NamedSharding]:

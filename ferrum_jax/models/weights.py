@@ -7,8 +7,10 @@ The checkpoint is anything with HF tensor names: `SafetensorsDir` (a HF director
 Every HF tensor name is matched against `_TABLE` (pattern -> our parameter path and the
 layout transform). All problems — missing, unexpected and mis-shaped tensors — are
 collected from the safetensors headers first and reported in ONE error before any data is
-read. Each tensor is then converted on the host and placed on device on its own, so the
-whole model never sits on the host twice.
+read. Per-layer tensors land in one stacked parameter (`layers.attn.wq [num_layers, ...]`, see
+causal_lm): its layers are converted on the host one at a time into the stacked host array,
+which is placed on device as soon as it is full, so at most one stacked parameter sits on the
+host at a time.
 """
 
 from __future__ import annotations
@@ -36,35 +38,41 @@ _TABLE: list[tuple[str, str, _Transform]] = [
     (r"model\.embed_tokens\.weight", "embed", _SAME),
     (r"model\.norm\.weight", "final_norm.weight", _SAME),
     (r"lm_head\.weight", "lm_head", _TRANSPOSE),
-    (_L + r"input_layernorm\.weight", "layers.{0}.input_norm.weight", _SAME),
-    (_L + r"post_attention_layernorm\.weight", "layers.{0}.post_attn_norm.weight", _SAME),
-    (_L + r"self_attn\.q_proj\.weight", "layers.{0}.attn.wq", _IN_PROJ),
-    (_L + r"self_attn\.k_proj\.weight", "layers.{0}.attn.wk", _IN_PROJ),
-    (_L + r"self_attn\.v_proj\.weight", "layers.{0}.attn.wv", _IN_PROJ),
-    (_L + r"self_attn\.o_proj\.weight", "layers.{0}.attn.wo", _OUT_PROJ),
-    (_L + r"self_attn\.q_proj\.bias", "layers.{0}.attn.bq", _HEAD_BIAS),
-    (_L + r"self_attn\.k_proj\.bias", "layers.{0}.attn.bk", _HEAD_BIAS),
-    (_L + r"self_attn\.v_proj\.bias", "layers.{0}.attn.bv", _HEAD_BIAS),
-    (_L + r"self_attn\.o_proj\.bias", "layers.{0}.attn.bo", _SAME),
-    (_L + r"self_attn\.q_norm\.weight", "layers.{0}.attn.q_norm.weight", _SAME),
-    (_L + r"self_attn\.k_norm\.weight", "layers.{0}.attn.k_norm.weight", _SAME),
-    (_L + r"mlp\.gate_proj\.weight", "layers.{0}.mlp.gate", _TRANSPOSE),
-    (_L + r"mlp\.up_proj\.weight", "layers.{0}.mlp.up", _TRANSPOSE),
-    (_L + r"mlp\.down_proj\.weight", "layers.{0}.mlp.down", _TRANSPOSE),
-    (_L + r"mlp\.gate_proj\.bias", "layers.{0}.mlp.gate_bias", _SAME),
-    (_L + r"mlp\.up_proj\.bias", "layers.{0}.mlp.up_bias", _SAME),
-    (_L + r"mlp\.down_proj\.bias", "layers.{0}.mlp.down_bias", _SAME),
+    (_L + r"input_layernorm\.weight", "layers.input_norm.weight", _SAME),
+    (_L + r"post_attention_layernorm\.weight", "layers.post_attn_norm.weight", _SAME),
+    (_L + r"self_attn\.q_proj\.weight", "layers.attn.wq", _IN_PROJ),
+    (_L + r"self_attn\.k_proj\.weight", "layers.attn.wk", _IN_PROJ),
+    (_L + r"self_attn\.v_proj\.weight", "layers.attn.wv", _IN_PROJ),
+    (_L + r"self_attn\.o_proj\.weight", "layers.attn.wo", _OUT_PROJ),
+    (_L + r"self_attn\.q_proj\.bias", "layers.attn.bq", _HEAD_BIAS),
+    (_L + r"self_attn\.k_proj\.bias", "layers.attn.bk", _HEAD_BIAS),
+    (_L + r"self_attn\.v_proj\.bias", "layers.attn.bv", _HEAD_BIAS),
+    (_L + r"self_attn\.o_proj\.bias", "layers.attn.bo", _SAME),
+    (_L + r"self_attn\.q_norm\.weight", "layers.attn.q_norm.weight", _SAME),
+    (_L + r"self_attn\.k_norm\.weight", "layers.attn.k_norm.weight", _SAME),
+    (_L + r"mlp\.gate_proj\.weight", "layers.mlp.gate", _TRANSPOSE),
+    (_L + r"mlp\.up_proj\.weight", "layers.mlp.up", _TRANSPOSE),
+    (_L + r"mlp\.down_proj\.weight", "layers.mlp.down", _TRANSPOSE),
+    (_L + r"mlp\.gate_proj\.bias", "layers.mlp.gate_bias", _SAME),
+    (_L + r"mlp\.up_proj\.bias", "layers.mlp.up_bias", _SAME),
+    (_L + r"mlp\.down_proj\.bias", "layers.mlp.down_bias", _SAME),
 ]
 # Buffers some checkpoints carry that hold nothing we need (RoPE is recomputed from config).
 _IGNORED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
 
 
-def _target(name: str) -> tuple[str, _Transform] | None:
-    for pattern, template, transform in _TABLE:
+def _target(name: str) -> tuple[str, int | None, _Transform] | None:
+    """(our path, layer index or None, transform) for an HF tensor name."""
+    for pattern, path, transform in _TABLE:
         m = re.fullmatch(pattern, name)
         if m:
-            return template.format(*m.groups()), transform
+            return path, int(m.group(1)) if m.groups() else None, transform
     return None
+
+
+def _layer_shape(path: str, shape: tuple) -> tuple:
+    """One layer's shape of `path`: stacked parameters drop their leading layer axis."""
+    return shape[1:] if path.startswith("layers.") else shape
 
 
 def load_hf_params(
@@ -78,7 +86,7 @@ def load_hf_params(
 
     expected: our flat parameter paths -> abstract shape/dtype (from the model's eval_shape).
     """
-    plan: dict[str, tuple[str, _Transform]] = {}
+    plan: dict[str, dict[int | None, tuple[str, _Transform]]] = {}
     unexpected, misshaped, misshaped_targets = [], [], set()
     for name, entry in ckpt.entries.items():
         if any(re.fullmatch(p, name) for p in _IGNORED) or (tied_embeddings and name == "lm_head.weight"):
@@ -87,14 +95,25 @@ def load_hf_params(
         if found is None or found[0] not in expected:
             unexpected.append(name)
             continue
-        target, transform = found
-        want = tuple(transform[0](tuple(expected[target].shape)))
+        target, layer, transform = found
+        shape = tuple(expected[target].shape)
+        if layer is not None and layer >= shape[0]:
+            unexpected.append(name)
+            continue
+        want = tuple(transform[0](_layer_shape(target, shape)))
         if entry.shape != want:
             misshaped.append(f"{name}: shape {list(entry.shape)}, expected {list(want)}")
-            misshaped_targets.add(target)
+            misshaped_targets.add((target, layer))
             continue
-        plan[target] = (name, transform)
-    missing = sorted(set(expected) - set(plan) - misshaped_targets)
+        plan.setdefault(target, {})[layer] = (name, transform)
+    missing = []
+    for target, spec in sorted(expected.items()):
+        layers = range(spec.shape[0]) if target.startswith("layers.") else [None]
+        missing += [
+            target if layer is None else f"{target}[{layer}]"
+            for layer in layers
+            if layer not in plan.get(target, {}) and (target, layer) not in misshaped_targets
+        ]
     if missing or unexpected or misshaped:
         parts = []
         if missing:
@@ -106,10 +125,14 @@ def load_hf_params(
         raise FerrumError.invalid_config(f"checkpoint {ckpt.path} does not match the model config; " + "; ".join(parts))
 
     out = {}
-    for target in tqdm(sorted(plan), desc="loading weights", unit="tensor", disable=not progress):
-        name, transform = plan[target]
-        spec = expected[target]
-        host = np.ascontiguousarray(transform[1](ckpt.read(name), tuple(spec.shape))).astype(spec.dtype)
-        sharding = shardings.get(target) if shardings else None
-        out[target] = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+    with tqdm(total=sum(map(len, plan.values())), desc="loading weights", unit="tensor", disable=not progress) as bar:
+        for target in sorted(plan):
+            spec = expected[target]
+            host = np.empty(spec.shape, spec.dtype)
+            for layer, (name, transform) in plan[target].items():
+                dst = host if layer is None else host[layer]
+                dst[...] = transform[1](ckpt.read(name), dst.shape)
+                bar.update()
+            sharding = shardings.get(target) if shardings else None
+            out[target] = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
     return out

@@ -24,7 +24,7 @@ from ferrum_jax.step.sampling import SamplingBatch, sample
 def _forward(graphdef: nnx.GraphDef, backend: AttentionBackend, state: nnx.State, kv: KvPages, batch: RaggedBatch):
     model = nnx.merge(graphdef, state)
     logits_lv, k, v = model(batch.token_ids, batch.positions, kv.k, kv.v, batch.meta, batch.logits_indices, backend)
-    return logits_lv, KvPages(k=k, v=v)
+    return logits_lv, KvPages(k=k, v=v, num_layers=kv.num_layers)
 
 
 def _replicated(backend: AttentionBackend, tree):
