@@ -267,7 +267,7 @@ def test_pages_exhausted_is_resource_exhausted_without_leaks():
 
 
 def programs(w):
-    return w._step._cache_size(), w._sample_step._cache_size(), w._distribution._cache_size()
+    return w._step._cache_size(), w._sampler._cache_size(), w._distribution._cache_size()
 
 
 @pytest.fixture
@@ -290,8 +290,8 @@ def test_warmup_compiles_every_bucket_once_and_then_nothing(no_persistent_cache)
     n_before = len(compiles)
     run(w.warmup())
     # T buckets 16,32 x S buckets 1,2 x {per-seq rows, all rows}, plus the decode buckets
-    # T = S = 1, 2; sampling: per-seq rows only; distributions: one per T bucket
-    assert w.num_step_programs() == (2 * 2 * 2 + 2, 2 * 2 + 2, 2)
+    # T = S = 1, 2; the sampler and distributions: one per row bucket (1, 2) and T bucket
+    assert w.num_step_programs() == (2 * 2 * 2 + 2, 2, 2)
     assert programs(w) == w.num_step_programs()
     assert len(compiles) - n_before == sum(w.num_step_programs())
 
@@ -333,6 +333,38 @@ def test_warmup_compiles_every_bucket_once_and_then_nothing(no_persistent_cache)
                 live.remove(h)
     assert len(compiles) == after_warmup, "a warmed-up executor compiled a new program"
     assert programs(w) == w.num_step_programs()
+
+
+def test_sampling_warmup_covers_every_engine_step(no_persistent_cache):
+    """The server warms only the "sample" family (serve.target_programs): ragged mixes of
+    prefill chunks and decodes through `sample_unified` then compile nothing."""
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, _d, **_: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+    )
+    w = fj.JaxModelExecutor.from_preset("tiny", dtype="float32", **{**LIMITS, "max_batch_size": 4, "max_num_batched_tokens": 32})
+    run(w.warmup(("sample",)))
+    assert w.num_step_programs(("sample",)) == (len(w.buckets.shapes(all_rows=False)), len(w.buckets.row_buckets), 0)
+    assert programs(w)[:2] == w.num_step_programs(("sample",))[:2]  # distributions: one jit for all executors
+    after_warmup = len(compiles)
+    rng = np.random.default_rng(5)
+    live = []
+    for _ in range(25):
+        items = [fj.UnifiedBatchItem(f"d{i}", [3], h, h.num_tokens, True) for i, h in enumerate(live[:3])]
+        if len(live) < 4 and rng.integers(2):
+            fresh = w.new_kv_cache()
+            n = int(rng.integers(1, 32 - len(items)))
+            items.append(fj.UnifiedBatchItem("p", prompt(n).tolist(), fresh, 0, bool(rng.integers(2))))
+            live.append(fresh)
+        if items:
+            finals = sum(i.is_final_chunk for i in items)
+            w.sample_unified(items, [SamplingRow(temperature=float(rng.integers(2)), seed=1)] * finals)
+        for h in [h for h in live if h.num_tokens > 40]:
+            w.release_cache(h.cache_id)
+            live.remove(h)
+    assert len(compiles) == after_warmup, "a sampling-warmed executor compiled a new program"
+    with pytest.raises(fj.InvalidConfigError, match=r"program families \['logits'\] are not among"):
+        run(w.warmup(("logits",)))
 
 
 def test_status_capabilities_and_memory_from_config(clean):

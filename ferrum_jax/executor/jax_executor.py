@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ferrum_jax.batch.buckets import BucketSpec
+from ferrum_jax.batch.buckets import BucketSpec, StepShape
 from ferrum_jax.batch.ragged import SequenceChunk, build_ragged_batch, dummy_batch
 from ferrum_jax.executor.compile_cache import enable_persistent_cache
 from ferrum_jax.executor.sequence_table import PagedKvCacheHandle, Sequence, SequenceTable
@@ -57,12 +57,14 @@ from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.models.sharding import kv_rows, kv_spec, make_mesh
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.param_tree import state_nbytes
-from ferrum_jax.step.ragged_step import make_ragged_step, make_sample_step
+from ferrum_jax.step.ragged_step import make_ragged_step, make_sampler
 from ferrum_jax.step.sampling import SamplingRow, build_sampling_batch, sampling_probs
 
 ATTENTION_CHOICES = ("auto", "xla", "pallas")
 _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 _LATENCY_WINDOW = 1024
+# The program families `warmup` compiles; see its docstring.
+PROGRAM_FAMILIES = ("logits_last", "logits_all", "sample", "distribution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +149,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._kv = allocate_kv_pages(cfg, num_pages, page_size, jnp.dtype(dtype), kv_rows(cfg, tp), kv_sharding)
         backend = AttentionBackend(self.attention_impl, self.mesh)
         self._step = make_ragged_step(graphdef, backend)
-        self._sample_step = make_sample_step(graphdef, backend)
+        self._sampler = make_sampler(backend)
         self._distribution = jax.jit(sampling_probs)
         self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length)
         self._info = ModelInfo(
@@ -324,8 +326,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         ((chunks, _),) = self._plan_steps(work)
         batch, shape, _ = build_ragged_batch(chunks, self.buckets, self.page_size)
         sampling = build_sampling_batch(rows, shape.logit_rows, self.max_sequence_length)
-        out, self._kv = self._sample_step(self._state, self._kv, batch, sampling)
-        host = jax.tree.map(np.asarray, out)
+        logits, self._kv = self._step(self._state, self._kv, batch)
+        host = jax.tree.map(np.asarray, self._sampler(logits, sampling))
         for w in work:
             w.seq.num_tokens += len(w.token_ids)
         kind = "decode" if all(len(w.token_ids) == 1 for w in work) else "prefill"
@@ -529,32 +531,50 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
     def supports_batch_size(self, batch_size: int) -> bool:
         return 1 <= batch_size <= self.max_batch_size
 
-    async def warmup(self) -> None:
-        """Compiles every bucketed step program (logits and sampling), so serving never compiles."""
+    async def warmup(self, programs: Iterable[str] = PROGRAM_FAMILIES) -> None:
+        """Compiles every bucketed program of the named families (default: all of them), so
+        nothing that uses only those families ever compiles again:
+
+        "logits_last"  the step at one logits row per sequence (prefill, decode, `extend(.., "last")`);
+        "logits_all"   the step at every row (full prefill logits, verify, `extend(.., "all")`);
+        "sample"       what `sample_unified` runs (the engine's every step): the "logits_last"
+                       steps and the sampler, one program per row bucket;
+        "distribution" the sampler's distribution per row bucket (speculative acceptance).
+        """
         self._check_live()
-        shapes = self.buckets.all_shapes()
-        sample_shapes = [s for s in shapes if s.logit_rows == s.seqs]
-        token_buckets = self.buckets.token_buckets
-        total = len(shapes) + len(sample_shapes) + len(token_buckets)
-        with tqdm(total=total, desc="compiling steps", unit="program") as bar:
+        programs = _check_programs(programs)
+        shapes = self._logits_shapes(programs)
+        sampler_rows = set(self.buckets.row_buckets) if "sample" in programs else set()
+        distributions = self.buckets.token_buckets if "distribution" in programs else ()
+        with tqdm(total=sum(self.num_step_programs(programs)), desc="compiling steps", unit="program") as bar:
             for shape in shapes:
                 logits, self._kv = self._step(self._state, self._kv, dummy_batch(shape, self.buckets))
+                bar.update()
+                # The sampler compiles on a real step's logits: their sharding is part of its key.
+                if shape.logit_rows == shape.seqs and shape.logit_rows in sampler_rows:
+                    sampler_rows.remove(shape.logit_rows)
+                    logits = self._sampler(logits, build_sampling_batch([], shape.logit_rows, self.max_sequence_length))
+                    bar.update()
                 jax.block_until_ready(logits)
-                bar.update()
-            for shape in sample_shapes:
-                sampling = build_sampling_batch([], shape.logit_rows, self.max_sequence_length)
-                out, self._kv = self._sample_step(self._state, self._kv, dummy_batch(shape, self.buckets), sampling)
-                jax.block_until_ready(out)
-                bar.update()
-            for n in token_buckets:
-                self.distribution(np.zeros((n, self.cfg.vocab_size), np.float32), [SamplingRow()] * n)
+            for rows in distributions:
+                self.distribution(np.zeros((rows, self.cfg.vocab_size), np.float32), [SamplingRow()] * rows)
                 bar.update()
 
-    def num_step_programs(self) -> tuple[int, int, int]:
-        """(logits steps, sampling steps, distribution programs): one per bucketed shape;
-        sampling steps return one row per sequence; distributions are bucketed by rows."""
-        shapes = self.buckets.all_shapes()
-        return len(shapes), sum(s.logit_rows == s.seqs for s in shapes), len(self.buckets.token_buckets)
+    def _logits_shapes(self, programs: set[str]) -> list[StepShape]:
+        last = {"logits_last", "sample"} & programs
+        shapes = (self.buckets.shapes(all_rows=False) if last else []) + (
+            self.buckets.shapes(all_rows=True) if "logits_all" in programs else []
+        )
+        return list(dict.fromkeys(shapes))
+
+    def num_step_programs(self, programs: Iterable[str] = PROGRAM_FAMILIES) -> tuple[int, int, int]:
+        """(logits steps, sampler programs, distribution programs) `warmup(programs)` compiles."""
+        programs = _check_programs(programs)
+        return (
+            len(self._logits_shapes(programs)),
+            len(self.buckets.row_buckets) if "sample" in programs else 0,
+            len(self.buckets.token_buckets) if "distribution" in programs else 0,
+        )
 
     async def shutdown(self) -> None:
         self._seqs.release_all()
@@ -725,6 +745,14 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             peak_bytes=max(peak, used),
             utilization_percent=100.0 * used / allocated,
         )
+
+
+def _check_programs(programs: Iterable[str]) -> set[str]:
+    programs = set(programs)
+    unknown = sorted(programs - set(PROGRAM_FAMILIES))
+    if unknown:
+        raise FerrumError.invalid_config(f"program families {unknown} are not among {list(PROGRAM_FAMILIES)}")
+    return programs
 
 
 def _device() -> Device:

@@ -10,8 +10,9 @@
 
 Startup: join a multi-host job if asked (multihost.py; before anything else touches JAX),
 build the tokenizer, the executor (weights, KV pool) and the drafter (speculative.py),
-compile every step program of the target and of a draft model (`warmup`, so no request
-ever waits for a compile; `--no-warmup` skips it), build the engine, then serve with
+compile every program the engine will run on the target and on a draft model (`warmup` of
+the families `target_programs` / `DRAFT_PROGRAMS` name, so no request ever waits for a compile;
+`--no-warmup` skips it), build the engine, then serve with
 uvicorn on one event loop shared with the engine loop. Flags are in settings.py, model
 loading in loading.py, shutdown behaviour in shutdown.py.
 
@@ -85,6 +86,16 @@ async def serve(s: ServeSettings) -> None:
             channel.stop()
 
 
+# What the engine runs, so the warmup compiles nothing it never uses: every step is a
+# `sample_unified`; speculation adds the target's verify (`extend(.., "all")`) and exact
+# acceptance (`distribution`), and a draft model extends by its last rows.
+DRAFT_PROGRAMS = ("logits_last", "distribution")
+
+
+def target_programs(speculative: bool) -> tuple[str, ...]:
+    return ("sample", "logits_all", "distribution") if speculative else ("sample",)
+
+
 async def _serve(s: ServeSettings, tokenizer, executor, channel) -> None:
     from ferrum_jax.engine.lockstep import LockstepExecutor
     from ferrum_jax.serve.app import build_app
@@ -94,9 +105,9 @@ async def _serve(s: ServeSettings, tokenizer, executor, channel) -> None:
     wrap = (lambda ex: LockstepExecutor(ex, channel, "draft")) if channel is not None else (lambda ex: ex)
     drafter, draft = build_drafter(s, executor, wrap)  # before the warmup: a vocabulary mismatch fails fast
     if not s.no_warmup:
-        await executor.warmup()
+        await executor.warmup(target_programs(drafter is not None))
         if draft is not None:
-            await draft.warmup()
+            await draft.warmup(DRAFT_PROGRAMS)
     ctx = build_context(s, executor, tokenizer, drafter)
     config = uvicorn.Config(
         build_app(ctx),
