@@ -267,7 +267,8 @@ def test_pages_exhausted_is_resource_exhausted_without_leaks():
 
 
 def programs(w):
-    return w._step._cache_size(), w._sampler._cache_size(), w._distribution._cache_size()
+    kinds = [kind for kind, _ in w._programs]
+    return kinds.count("step"), kinds.count("sampler"), kinds.count("distribution")
 
 
 @pytest.fixture
@@ -345,7 +346,7 @@ def test_sampling_warmup_covers_every_engine_step(no_persistent_cache):
     w = fj.JaxModelExecutor.from_preset("tiny", dtype="float32", **{**LIMITS, "max_batch_size": 4, "max_num_batched_tokens": 32})
     run(w.warmup(("sample",)))
     assert w.num_step_programs(("sample",)) == (len(w.buckets.shapes(all_rows=False)), len(w.buckets.row_buckets), 0)
-    assert programs(w)[:2] == w.num_step_programs(("sample",))[:2]  # distributions: one jit for all executors
+    assert programs(w) == w.num_step_programs(("sample",))
     after_warmup = len(compiles)
     rng = np.random.default_rng(5)
     live = []
@@ -414,32 +415,40 @@ def test_shutdown_refuses_further_work():
         run(s.decode(fj.DecodeInput(input_ids=ids(1), kv_cache=h)))
 
 
-def test_second_process_loads_every_step_program_from_the_cache(tmp_path):
-    """warmup in a fresh process with the same cache: hits for every program, no misses."""
+def test_second_process_loads_every_step_program_from_the_store(tmp_path):
+    """warmup in a fresh process with the same cache dir loads every program from the program
+    store: no compile, and (unlike XLA's own cache) no tracing either."""
     import subprocess
     import sys
 
     code = (
-        "import asyncio, jax\n"
+        "import asyncio, time, jax\n"
         "from jax import monitoring\n"
         "seen = []\n"
         "monitoring.register_event_listener(lambda name, **kw: seen.append(name))\n"
+        "monitoring.register_event_duration_secs_listener(lambda name, d, **kw: seen.append(name))\n"
         "import ferrum_jax as fj\n"
+        "from ferrum_jax.executor.program_store import STORE_HIT_EVENT\n"
         "ex = fj.JaxModelExecutor.from_preset('tiny', dtype='float32', max_batch_size=2, max_sequence_length=64,"
         " page_size=8, max_num_batched_tokens=16)\n"
+        "seen.clear()\n"  # building the random weights and the KV pool compiles too; not counted
         "asyncio.run(ex.warmup())\n"
-        "print(sum(map(ex.num_step_programs().__getitem__, range(3))), seen.count('/jax/compilation_cache/cache_hits'),"
-        " seen.count('/jax/compilation_cache/cache_misses'))\n"
+        "print(sum(ex.num_step_programs()), seen.count(STORE_HIT_EVENT),"
+        " seen.count('/jax/core/compile/backend_compile_duration'), seen.count('/jax/core/compile/tracing_duration'))\n"
+        "out = asyncio.run(ex.prefill(fj.PrefillInput(input_ids=__import__('numpy').array([[1, 2, 3]], 'int32'))))\n"
+        "print(int(out.last_token_logits().argmax()))\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["FERRUM_JAX_CACHE_DIR"] = str(tmp_path / "xla")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600) for _ in range(2)]
     for r in runs:
         assert r.returncode == 0, r.stderr[-2000:]
-    programs, _, first_misses = map(int, runs[0].stdout.split())
-    _, hits, misses = map(int, runs[1].stdout.split())
-    assert first_misses >= programs
-    assert misses == 0 and hits >= programs
+    first, second = (r.stdout.split("\n") for r in runs)
+    programs, first_hits, first_compiles, _ = map(int, first[0].split())
+    _, hits, compiles, traces = map(int, second[0].split())
+    assert first_hits == 0 and first_compiles >= programs
+    assert hits == programs and compiles == 0 and traces == 0
+    assert first[1] == second[1]  # the loaded programs compute what the compiled ones did
 
 
 def test_unknown_preset_lists_only_model_presets():

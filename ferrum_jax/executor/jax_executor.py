@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ferrum_jax.batch.buckets import BucketSpec, StepShape
 from ferrum_jax.batch.ragged import SequenceChunk, build_ragged_batch, dummy_batch
 from ferrum_jax.executor.compile_cache import enable_persistent_cache
+from ferrum_jax.executor.program_store import ProgramStore
 from ferrum_jax.executor.sequence_table import PagedKvCacheHandle, Sequence, SequenceTable
 from ferrum_jax.interfaces import (
     AttentionType,
@@ -151,6 +152,13 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._step = make_ragged_step(graphdef, backend)
         self._sampler = make_sampler(backend)
         self._distribution = jax.jit(sampling_probs)
+        # Every program runs as an ahead-of-time executable, compiled (or loaded) once per
+        # (kind, bucket): warmup compiles without running anything, a restart loads from disk.
+        self._store = ProgramStore(self.compilation_cache_dir)
+        self._programs: dict[tuple[str, object], jax.stages.Compiled] = {}
+        self._static = "\n".join(
+            [repr(cfg), str(dtype), self.attention_impl, repr(self.mesh), repr([d.id for d in self.mesh.devices.flat])]
+        )
         self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length)
         self._info = ModelInfo(
             model_id=model_id,
@@ -326,8 +334,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         ((chunks, _),) = self._plan_steps(work)
         batch, shape, _ = build_ragged_batch(chunks, self.buckets, self.page_size)
         sampling = build_sampling_batch(rows, shape.logit_rows, self.max_sequence_length)
-        logits, self._kv = self._step(self._state, self._kv, batch)
-        host = jax.tree.map(np.asarray, self._sampler(logits, sampling))
+        logits = self._run_step(batch, shape)
+        host = jax.tree.map(np.asarray, self._run_program("sampler", shape.logit_rows, self._sampler, logits, sampling))
         for w in work:
             w.seq.num_tokens += len(w.token_ids)
         kind = "decode" if all(len(w.token_ids) == 1 for w in work) else "prefill"
@@ -369,7 +377,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         padded = np.zeros((padded_n, self.cfg.vocab_size), np.float32)
         padded[:n] = logits
         sampling = build_sampling_batch(rows, padded_n, self.max_sequence_length)
-        return np.asarray(self._distribution(padded, sampling))[:n]
+        return np.asarray(self._run_program("distribution", padded_n, self._distribution, padded, sampling))[:n]
 
     def pages_needed(self, kv_cache: KvCacheHandle | None, new_tokens: int) -> int:
         """Pages a sequence (None: a new one) must gain to hold `new_tokens` more tokens."""
@@ -548,16 +556,21 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         distributions = self.buckets.token_buckets if "distribution" in programs else ()
         with tqdm(total=sum(self.num_step_programs(programs)), desc="compiling steps", unit="program") as bar:
             for shape in shapes:
-                logits, self._kv = self._step(self._state, self._kv, dummy_batch(shape, self.buckets))
+                step = self._program("step", shape, self._step, (self._state, self._kv, dummy_batch(shape, self.buckets)))
                 bar.update()
-                # The sampler compiles on a real step's logits: their sharding is part of its key.
                 if shape.logit_rows == shape.seqs and shape.logit_rows in sampler_rows:
                     sampler_rows.remove(shape.logit_rows)
-                    logits = self._sampler(logits, build_sampling_batch([], shape.logit_rows, self.max_sequence_length))
+                    # The sampler's key includes its input's sharding: the step's logits output.
+                    logits = jax.ShapeDtypeStruct(
+                        (shape.logit_rows, self.cfg.vocab_size), jnp.float32, sharding=step.output_shardings[0]
+                    )
+                    sampling = build_sampling_batch([], shape.logit_rows, self.max_sequence_length)
+                    self._program("sampler", shape.logit_rows, self._sampler, (logits, sampling))
                     bar.update()
-                jax.block_until_ready(logits)
             for rows in distributions:
-                self.distribution(np.zeros((rows, self.cfg.vocab_size), np.float32), [SamplingRow()] * rows)
+                logits = np.zeros((rows, self.cfg.vocab_size), np.float32)
+                sampling = build_sampling_batch([], rows, self.max_sequence_length)
+                self._program("distribution", rows, self._distribution, (logits, sampling))
                 bar.update()
 
     def _logits_shapes(self, programs: set[str]) -> list[StepShape]:
@@ -676,8 +689,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         t0 = time.perf_counter()
         pieces: list[list[np.ndarray]] = [[] for _ in work]
         for step_chunks, owners in self._plan_steps(work):
-            batch, _, rows = build_ragged_batch(step_chunks, self.buckets, self.page_size)
-            logits, self._kv = self._step(self._state, self._kv, batch)
+            batch, shape, rows = build_ragged_batch(step_chunks, self.buckets, self.page_size)
+            logits = self._run_step(batch, shape)
             host = np.asarray(logits)
             for owner, r, chunk in zip(owners, rows, step_chunks):
                 pieces[owner].append(host[r])
@@ -685,6 +698,21 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         elapsed = time.perf_counter() - t0
         self._record(kind, elapsed, sum(len(w.token_ids) for w in work), len(work))
         return [np.concatenate(p, axis=0) if p else np.zeros((0, self.cfg.vocab_size), np.float32) for p in pieces]
+
+    def _program(self, kind: str, bucket, fn, args: tuple) -> jax.stages.Compiled:
+        """jitted `fn` compiled for `args` (or loaded from the store), once per (kind, bucket)."""
+        program = self._programs.get((kind, bucket))
+        if program is None:
+            program = self._programs[(kind, bucket)] = self._store.compile(fn, args, f"{self._static}\n{kind}")
+        return program
+
+    def _run_program(self, kind: str, bucket, fn, *args):
+        return self._program(kind, bucket, fn, args)(*args)
+
+    def _run_step(self, batch, shape: StepShape) -> jax.Array:
+        """One ragged step; the KV pages are donated and replaced. Returns the logits."""
+        logits, self._kv = self._run_program("step", shape, self._step, self._state, self._kv, batch)
+        return logits
 
     def _plan_steps(self, work: list[_Work]) -> list[tuple[list[SequenceChunk], list[int]]]:
         """Packs work into steps of at most max_num_batched_tokens tokens and max_batch_size
