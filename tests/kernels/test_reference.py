@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference, ragged_paged_attention_xla
-from pallas_kernels.ragged_paged_attention.xla import KV_BLOCK
+from pallas_kernels.ragged_paged_attention.xla import KV_BLOCK, PER_SEQUENCE_MAX_SEQS
 from .cases import CASES, DEFAULT_CONFIG, OPTIONS, random_lens
 from .ragged_batches import make_batch, naive_attention
 
@@ -63,13 +63,26 @@ def test_random_batches(impl):
     _check(impl, batch, "float32")
 
 
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("name", ["prefill_only", "mixed", "q_longer_than_page", "zero_length_padding_inside", "full_bucket"])
+def test_xla_per_sequence_path(name, window):
+  """At most PER_SEQUENCE_MAX_SEQS sequence slots and more tokens: each sequence's pages are
+  gathered once and tokens score against all of them, foreign ones masked."""
+  lens, overrides = CASES[name]
+  lens = lens[:PER_SEQUENCE_MAX_SEQS]
+  config = {**DEFAULT_CONFIG, **overrides, "num_seqs_max": PER_SEQUENCE_MAX_SEQS}
+  batch = make_batch(np.random.default_rng(3), lens, **config)
+  _check("xla", batch, config["dtype"], sliding_window=window)
+
+
 @pytest.mark.parametrize("window", [None, 40])
-def test_xla_path_reads_no_block_outside_the_attended_range(window):
+@pytest.mark.parametrize("num_seqs_max", [8, 4])
+def test_xla_path_reads_no_block_outside_the_attended_range(window, num_seqs_max):
   """Capacity 1024 positions, contexts of 300-400: every page outside the blocks any live token
   attends to (past the longest context's block, and with a window before the earliest attended
   block) is NaN. The XLA path must not read them (a read turns the output NaN), which is what
   makes its cost follow the real kv lengths instead of the capacity."""
-  config = dict(DEFAULT_CONFIG, pages_per_seq=128, num_tokens=16, num_seqs_max=4)
+  config = dict(DEFAULT_CONFIG, pages_per_seq=128, num_tokens=16, num_seqs_max=num_seqs_max)
   lens = [(1, 400), (3, 300), (5, 350)]
   batch = make_batch(np.random.default_rng(5), lens, **config)
   block = KV_BLOCK
