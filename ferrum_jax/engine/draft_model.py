@@ -33,7 +33,7 @@ class DraftModelDrafter(Drafter):
             h = self._handles.get(r.request_id)
             if h is None:
                 h = self._handles[r.request_id] = self.ex.new_kv_cache(f"draft-{r.request_id}")
-            feed.append((h, r.all_ids[h.num_tokens :]))
+            feed.append((h, r.ids(h.num_tokens, r.num_tokens)))
         step = 0
         while active:
             logits = self.ex.extend(feed, "last")

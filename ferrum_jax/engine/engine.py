@@ -28,6 +28,13 @@ from ferrum_jax.step.sampling import MAX_BANNED, NUM_TOP_LOGPROBS, SamplingRow
 log = logging.getLogger(__name__)
 
 
+_NO_HISTORY = np.zeros(0, np.int32)
+
+
+def _uses_history(p) -> bool:
+    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
+
+
 class Engine:
     def __init__(self, executor, config: EngineConfig = EngineConfig(), drafter: Drafter | None = None):
         """drafter: proposes speculative tokens when config.num_speculative_tokens > 0."""
@@ -174,7 +181,7 @@ class Engine:
             items.append(
                 UnifiedBatchItem(
                     seq_id=req.request_id,
-                    q_tokens=req.all_ids[req.num_computed : req.num_computed + n],
+                    q_tokens=req.ids(req.num_computed, req.num_computed + n),
                     kv_cache=req.handle,
                     pos_offset=req.num_computed,
                     is_final_chunk=final,
@@ -206,7 +213,7 @@ class Engine:
         def verify():
             drafts = self.drafter.propose(reqs, ks, self._sampling_row)
             drafts = [dataclasses.replace(d, tokens=d.tokens[:k]) for d, k in zip(drafts, ks)]
-            items = [(r.handle, [r.all_ids[-1]] + d.tokens) for r, d in zip(reqs, drafts)]
+            items = [(r.handle, [r.last_id] + d.tokens) for r, d in zip(reqs, drafts)]
             logits = ex.extend(items, "all")
             rows = [self._sampling_row(r, d.tokens[:j]) for r, d in zip(reqs, drafts) for j in range(len(d.tokens) + 1)]
             return drafts, logits, ex.distribution(np.concatenate(logits), rows)
@@ -257,7 +264,9 @@ class Engine:
             repetition_penalty=p.repetition_penalty,
             seed=req.seed,
             step=produced,
-            history=np.asarray(req.all_ids + list(extra), np.int32),
+            # Only penalties read the history; copying a long context every step costs host
+            # time that grows with it.
+            history=np.asarray(req.all_ids + list(extra), np.int32) if _uses_history(p) else _NO_HISTORY,
             num_prompt=len(req.prompt_ids),
             banned=banned,
         )

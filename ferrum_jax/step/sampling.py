@@ -155,7 +155,11 @@ def _filter_sorted(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
 def processed_logits(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
     """The logits a row actually samples from: penalties, temperature, top-k/top-p, min-p.
     Greedy rows (temperature 0) keep only their argmax."""
-    logits_rv = apply_penalties(logits_rv, s)
+    # Penalties scatter the whole `[rows, max_sequence_length]` history into `[rows, vocab]`
+    # tables; a batch without any penalty or banned id skips that.
+    active = jnp.any((s.presence_penalty != 0) | (s.frequency_penalty != 0) | (s.repetition_penalty != 1))
+    active |= jnp.any(s.banned >= 0)
+    logits_rv = jax.lax.cond(active, apply_penalties, lambda x, _: x, logits_rv, s)
     greedy = jax.nn.one_hot(jnp.argmax(logits_rv, axis=-1), logits_rv.shape[1], dtype=jnp.bool_)
     temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     scaled = logits_rv / temp
