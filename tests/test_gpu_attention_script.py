@@ -1,18 +1,17 @@
-"""benchmarks/gpu_attention.py --smoke runs on CPU and writes the JSON the GPU run will write."""
+"""`python -m ferrum_jax.bench gpu-attention --smoke` runs on CPU and writes the JSON the GPU run will write."""
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_attention.py"
+
 
 
 def test_smoke_run_writes_expected_json(tmp_path):
   out = tmp_path / "results.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], env=env,
+  proc = subprocess.run([sys.executable, "-m", "ferrum_jax.bench", "gpu-attention", "--smoke", "--out", str(out)], env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   result = json.loads(out.read_text())

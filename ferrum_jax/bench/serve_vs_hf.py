@@ -57,9 +57,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from ferrum_jax import bench, bench_serve
+from ferrum_jax.bench import executor as bench
+from ferrum_jax.bench import serve as bench_serve
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAGE_SIZE = 16
 MODELS = ("tiny", "125m")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _FERRUM_LOAD = (
     "import time; t0 = time.perf_counter(); import ferrum_jax as fj; t1 = time.perf_counter(); "
     "fj.JaxModelExecutor.from_pretrained(fj.default_model_path(), dtype='float32', progress=False); "

@@ -4,7 +4,8 @@ All "devices" share the same CPU cores, so this measures what partitioning and t
 collectives cost, not a speed-up: the per-step time of TP=2/4/8 relative to TP=1, for a
 decode step (batch 8) and a prefill step (256 tokens), on the ~125M Llama config with
 random weights (16 query heads of 48 so that 8 divides them; 4 KV heads, replicated at
-TP=8). It also counts the collectives in each compiled step's HLO.
+TP=8). It also counts the collectives in each compiled step's HLO, where the layer loop's
+body appears once: its collectives run once per layer.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main(argv=None) -> None:
     if flag not in os.environ.get("XLA_FLAGS", ""):
         # Fake devices exist only if XLA sees the flag before jax starts: restart with it.
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()}
-        os.execve(sys.executable, [sys.executable, "-m", "ferrum_jax.bench_tp", *(sys.argv[1:] if argv is None else argv)], env)
+        os.execve(sys.executable, [sys.executable, "-m", "ferrum_jax.bench", "tp", *(argv or [])], env)
 
     import jax
     import numpy as np
@@ -71,11 +72,11 @@ def main(argv=None) -> None:
     base_dec, base_pre = rows[0][1], rows[0][2]
     print(f"machine: {os.cpu_count()} CPU cores shared by {FAKE_DEVICES} fake devices; jax {jax.__version__}")
     print(f"model: Llama {layers} layers, hidden 768, 16 q / 4 kv heads of 48, vocab 32000, float32; median of {args.repeats}")
-    print("| TP | decode step (8 seqs) vs TP=1 | prefill step (256 tok) vs TP=1 | collectives per step | per layer |")
+    print("| TP | decode step (8 seqs) vs TP=1 | prefill step (256 tok) vs TP=1 | collectives in the HLO | per layer |")
     print("|---|---|---|---|---|")
     for tp, t_dec, t_pre, ops in rows:
         kinds = {k: ops.count(k) for k in sorted(set(ops))} or {"none": 0}
-        per_layer = (len(ops) - (1 if ops else 0)) / layers
+        per_layer = len(ops) - (1 if ops else 0)
         print(f"| {tp} | {t_dec / base_dec:.2f}x | {t_pre / base_pre:.2f}x | {kinds} | {per_layer:g} (+1 embedding) |")
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import importlib
 import os
 import platform
 import statistics
@@ -377,23 +376,5 @@ async def run(args) -> None:
         print(f"| {name} | {f:{fmt}} | {h:{fmt}} | {f / h:.2f}x ({better} is better) |")
 
 
-# `python -m ferrum_jax.bench NAME ...`: the other benchmarks, each in its own module.
-SUBCOMMANDS = {
-    "serve": "ferrum_jax.bench_serve",  # drive a running server like `vllm bench serve`
-    "serve-vs-hf": "ferrum_jax.bench_serve_vs_hf",  # the server vs HF static batches
-    "spec": "ferrum_jax.bench_spec",  # n-gram speculation vs plain decoding
-    "tp": "ferrum_jax.bench_tp",  # tensor-parallel overhead on fake CPU devices
-    "startup": "ferrum_jax.bench_startup",  # default model load and time to a healthy server
-    "hlo": "ferrum_jax.bench_hlo",  # the compiled batch-1 decode step's HLO, for hlo_bytes.py
-}
-
-
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in SUBCOMMANDS:
-        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     asyncio.run(run(parse_args(argv)))
-
-
-if __name__ == "__main__":
-    main()

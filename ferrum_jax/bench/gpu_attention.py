@@ -1,9 +1,9 @@
 """Correctness and speed of the GPU (Triton) ragged paged attention kernel, in one run.
 
 Usage, on a machine with an NVIDIA GPU (written for an H200):
-  python benchmarks/gpu_attention.py --out results.json
+  python -m ferrum_jax.bench gpu-attention --out results.json
 and on CPU, to prove the script executes (tiny shapes, Pallas interpreter, one repeat):
-  JAX_PLATFORMS=cpu python benchmarks/gpu_attention.py --smoke
+  JAX_PLATFORMS=cpu python -m ferrum_jax.bench gpu-attention --smoke
 
 Method:
 1. Correctness. Ragged batches (decode-only, prefill-only, mixed; bf16 and f32) are built the way
@@ -51,10 +51,9 @@ import jax
 import jax.numpy as jnp
 
 # Runnable as a plain script from anywhere: the repository root holds pallas_kernels.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pallas_kernels import ragged_paged_attention  # noqa: E402
-from pallas_kernels.ragged_paged_attention.gpu_kernel import gpu_block_sizes  # noqa: E402
+from pallas_kernels import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention.gpu_kernel import gpu_block_sizes
 
 TOLERANCE = {"bfloat16": 3e-2, "float32": 1e-5}
 
@@ -287,12 +286,12 @@ def markdown(result):
   return "\n".join(lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m ferrum_jax.bench gpu-attention", description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="gpu_attention_results.json", help="JSON output path")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes, interpret=True, one repeat: proves the script runs on CPU")
-  opts = parser.parse_args()
+  opts = parser.parse_args(argv)
   cfg = SMOKE if opts.smoke else FULL
   # The Triton kernel only compiles for a GPU; elsewhere the Pallas interpreter runs it.
   interpret = opts.smoke or jax.default_backend() != "gpu"

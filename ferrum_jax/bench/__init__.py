@@ -1,0 +1,15 @@
+"""Benchmarks, one entry point: `python -m ferrum_jax.bench [NAME] [options]`.
+
+    (none)          executor.py      the executor vs HF transformers, same weights, one process
+    serve           serve.py         drive a running OpenAI server like `vllm bench serve`
+    serve-vs-hf     serve_vs_hf.py   the server vs HF static batches
+    serve-vs-vllm   serve_vs_vllm.py the server vs vLLM's CPU build, same weights and workload
+    spec            spec.py          n-gram speculation vs plain decoding
+    tp              tp.py            tensor-parallel overhead on fake CPU devices
+    startup         startup.py       default model load and time to a healthy server
+    hlo             hlo.py           the compiled batch-1 decode step's HLO, for hlo_bytes.py
+    host            host.py          host time per engine step (tiny preset)
+    gpu-attention   gpu_attention.py the GPU attention kernel's correctness and speed
+
+None of them is part of the test suite; each module's docstring says what it measures and how.
+"""

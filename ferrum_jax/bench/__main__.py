@@ -1,0 +1,28 @@
+"""`python -m ferrum_jax.bench [NAME] ...`: runs benchmark NAME (see the package docstring);
+without a name, the executor-vs-transformers benchmark."""
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "serve": "serve",
+    "serve-vs-hf": "serve_vs_hf",
+    "serve-vs-vllm": "serve_vs_vllm",
+    "spec": "spec",
+    "tp": "tp",
+    "startup": "startup",
+    "hlo": "hlo",
+    "host": "host",
+    "gpu-attention": "gpu_attention",
+}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name, rest = (argv[0], argv[1:]) if argv[:1] and argv[0] in SUBCOMMANDS else (None, argv)
+    module = importlib.import_module(f"ferrum_jax.bench.{SUBCOMMANDS[name] if name else 'executor'}")
+    module.main(rest)
+
+
+if __name__ == "__main__":
+    main()
