@@ -5,7 +5,8 @@ them is the host's: scheduling, the batch and sampling arrays, reading results b
 tokens. `--concurrency` requests with `--prompt-len`-token prompts decode `--output-len` tokens
 each through the engine (greedy, ignore_eos), after one untimed round that compiles everything.
 
-Per decode step (every sequence decoding) it reports the median of:
+Per decode step (every sequence of the step decoding; the median batch is reported with them;
+early requests finish while the last prompts are still being prefilled) it reports the median of:
   step      the engine's `_run_step`, all of it;
   device    the compiled programs the step ran, each timed to `block_until_ready` (the sync
             this inserts is the one the step makes anyway when it reads the sampled ids);
@@ -57,12 +58,12 @@ def main(argv=None) -> None:
         run_step = engine._run_step
 
         async def timed_step(work):
-            decoding = all(r.num_uncomputed == 1 for r, _ in work) and len(work) == args.concurrency
+            decoding = all(r.num_uncomputed == 1 for r, _ in work)
             device.clear()
             t0 = time.perf_counter()
             await run_step(work)
             if decoding:
-                steps.append((time.perf_counter() - t0, sum(device)))
+                steps.append((time.perf_counter() - t0, sum(device), len(work)))
 
         engine._run_step = timed_step
         await engine.start()
@@ -78,16 +79,17 @@ def main(argv=None) -> None:
             await engine.stop()
         return steps
 
-    print(f"tiny preset, {args.concurrency} sequences decoding, {args.output_len} tokens each; medians per decode step")
-    print("| prompt tokens | step ms | device ms | host ms | steps |")
-    print("|---:|---:|---:|---:|---:|")
+    print(f"tiny preset, {args.concurrency} requests, {args.output_len} output tokens each; medians per decode-only step")
+    print("| prompt tokens | sequences | step ms | device ms | host ms | steps |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for prompt_len in args.prompt_len:
         asyncio.run(run(prompt_len))  # compiles every shape this run meets
         steps = asyncio.run(run(prompt_len))
-        wall = statistics.median(s for s, _ in steps)
-        dev = statistics.median(d for _, d in steps)
-        host = statistics.median(s - d for s, d in steps)
-        print(f"| {prompt_len} | {wall * 1e3:.2f} | {dev * 1e3:.2f} | {host * 1e3:.2f} | {len(steps)} |")
+        wall = statistics.median(s for s, _, _ in steps)
+        dev = statistics.median(d for _, d, _ in steps)
+        host = statistics.median(s - d for s, d, _ in steps)
+        seqs = statistics.median(n for _, _, n in steps)
+        print(f"| {prompt_len} | {seqs:g} | {wall * 1e3:.2f} | {dev * 1e3:.2f} | {host * 1e3:.2f} | {len(steps)} |")
 
 
 if __name__ == "__main__":
