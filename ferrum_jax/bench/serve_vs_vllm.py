@@ -28,16 +28,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
 from ferrum_jax.bench import serve as bench_serve
-from ferrum_jax.bench.startup import REPO, _free_port
+from ferrum_jax.bench.server_process import Server, free_port
 
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_TARGET_DEVICE": "cpu"}
 
@@ -64,40 +60,6 @@ def hf_weights(workdir: Path) -> Path:
     model.save_pretrained(out)
     transformers.AutoTokenizer.from_pretrained(gguf.parent, **kw).save_pretrained(out)
     return out
-
-
-class Server:
-    """One server process: started, timed to healthy, stopped (its whole process group)."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict, port: int, log_dir: Path):
-        self.name, self.cmd, self.env, self.port = name, cmd, env, port
-        self.log = log_dir / f"{name}.log"
-        self.proc = None
-
-    def start(self, timeout_s: float) -> float:
-        t0 = time.perf_counter()
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        while time.perf_counter() - t0 < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log: {self.log}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not healthy after {timeout_s} s; log: {self.log}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
 
 
 def measure(server: Server, args) -> dict:
@@ -146,14 +108,14 @@ def main(argv=None) -> None:
     logs = Path(tempfile.mkdtemp(prefix="ferrum_vs_vllm_"))
     base_env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     limits = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs)]
-    port = _free_port()
+    port = free_port()
     servers = {
         "ferrum": Server("ferrum", [sys.executable, "-m", "ferrum_jax.serve", "--model", str(weights), "--dtype", "float32",
                                     "--port", str(port), "--disable-uvicorn-access-log", *limits],
-                         {**base_env, "JAX_PLATFORMS": "cpu"}, port, logs),
+                         {**base_env, "JAX_PLATFORMS": "cpu"}, port, logs / "ferrum.log"),
         "vllm": Server("vllm", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights),
                                 "--dtype", "float32", "--port", str(port), "--no-enable-log-requests", *limits],
-                       {**base_env, **VLLM_ENV}, port, logs),
+                       {**base_env, **VLLM_ENV}, port, logs / "vllm.log"),
     }
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; weights {weights}; logs {logs}", flush=True)
     results = {name: measure(s, args) for name, s in servers.items() if args.only in (None, name)}

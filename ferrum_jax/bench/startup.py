@@ -26,12 +26,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from ferrum_jax.bench.server_process import REPO, Server, free_port
 
-REPO = Path(__file__).resolve().parents[2]
 _FERRUM_LOAD = (
     "import time; t0 = time.perf_counter(); import ferrum_jax as fj; t1 = time.perf_counter(); "
     "fj.JaxModelExecutor.from_pretrained(fj.default_model_path(), dtype='float32', progress=False); "
@@ -50,33 +48,14 @@ def _timed_python(code: str, env: dict) -> tuple[float, float]:
     return float(import_s), float(total_s)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def time_to_healthy(cmd: list[str], port: int, env: dict, cwd: Path, timeout_s: float) -> float:
     """Seconds from launching `cmd` to /health answering 200; the process is stopped after."""
-    log = tempfile.NamedTemporaryFile(prefix="ferrum_startup_", suffix=".log", delete=False)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = Path(tempfile.mkstemp(prefix="ferrum_startup_", suffix=".log")[1])
+    server = Server("server", cmd, env, port, log, cwd)
     try:
-        while time.perf_counter() - t0 < timeout_s:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd} exited with {proc.returncode}; log: {log.name}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    return time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{cmd} not healthy after {timeout_s} s; log: {log.name}")
+        return server.start(timeout_s)
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(60)
+        server.stop()
 
 
 def main(argv=None) -> None:
@@ -103,7 +82,7 @@ def main(argv=None) -> None:
     server_env = {**env, "FERRUM_JAX_CACHE_DIR": str(cache)}
     rows = []
     for label in ("cold (empty compile cache)", "warm (restart, same cache)"):
-        port = _free_port()
+        port = free_port()
         cmd = [sys.executable, "-m", "ferrum_jax.serve", "--port", str(port)]
         rows.append((f"`python -m ferrum_jax.serve`, {label}", time_to_healthy(cmd, port, server_env, REPO, args.timeout)))
         print(f"{rows[-1][0]}: {rows[-1][1]:.1f} s", flush=True)
@@ -111,7 +90,7 @@ def main(argv=None) -> None:
         clone = Path(tempfile.mkdtemp(prefix="ferrum_fresh_")) / "ferrum_jax"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         fresh_cache = Path(tempfile.mkdtemp(prefix="ferrum_fresh_cache_"))
-        port = _free_port()
+        port = free_port()
         fresh_env = {k: v for k, v in env.items() if k != "VIRTUAL_ENV"}
         fresh_env["FERRUM_JAX_CACHE_DIR"] = str(fresh_cache)
         cmd = ["make", "serve", f"ARGS=--port {port}"]
