@@ -15,9 +15,9 @@ calling the jitted step on dummy batches executed each one (9 s of the warmup ab
 The store lives in `programs/` under the XLA cache directory and follows the same switch
 (`jax_enable_compilation_cache`). Only programs compiled in this process are stored: one that
 XLA's own cache handed back cannot be serialized again on XLA:CPU (the copy loses its compiled
-functions), so it stays with that cache, traced on every start as before. It is per process: with several processes (multi-host) every
-process compiles for itself, because an executable loaded on one host and compiled on another
-would be a divergence nobody could see. A file that fails to load (truncated, another jaxlib)
+functions), so it stays with that cache, traced on every start as before. With several
+processes (multi-host) the store is off and every process compiles for itself, because an
+executable loaded on one host and compiled on another would be a divergence nobody could see. A file that fails to load (truncated, another jaxlib)
 is logged, compiled again and replaced. Writes go through a temporary file and a rename, so
 concurrent servers sharing a cache never read half a file.
 """
