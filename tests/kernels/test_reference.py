@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference, ragged_paged_attention_xla
-from pallas_kernels.ragged_paged_attention.xla import KV_BLOCK, PER_SEQUENCE_MAX_SEQS
+from pallas_kernels.ragged_paged_attention.xla import KV_BLOCK
 from .cases import CASES, DEFAULT_CONFIG, OPTIONS, random_lens
 from .ragged_batches import make_batch, naive_attention
 
@@ -64,13 +64,14 @@ def test_random_batches(impl):
 
 
 @pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("num_seqs_max", [1, 2, 4, 32])
 @pytest.mark.parametrize("name", ["prefill_only", "mixed", "q_longer_than_page", "zero_length_padding_inside", "full_bucket"])
-def test_xla_per_sequence_path(name, window):
-  """At most PER_SEQUENCE_MAX_SEQS sequence slots and more tokens: each sequence's pages are
-  gathered once and tokens score against all of them, foreign ones masked."""
+def test_xla_query_blocks(name, num_seqs_max, window):
+  """The XLA path over one to 32 sequence slots: one-token blocks next to long chunks' blocks,
+  sequences starting mid-block, blocks spilling past a page, a last block partly empty."""
   lens, overrides = CASES[name]
-  lens = lens[:PER_SEQUENCE_MAX_SEQS]
-  config = {**DEFAULT_CONFIG, **overrides, "num_seqs_max": PER_SEQUENCE_MAX_SEQS}
+  lens = lens[:num_seqs_max]
+  config = {**DEFAULT_CONFIG, **overrides, "num_seqs_max": num_seqs_max}
   batch = make_batch(np.random.default_rng(3), lens, **config)
   _check("xla", batch, config["dtype"], sliding_window=window)
 
@@ -102,3 +103,18 @@ def test_xla_path_reads_no_block_outside_the_attended_range(window, num_seqs_max
   expected = naive_attention(batch, sm_scale=0.125, sliding_window=window)
   n = batch.num_valid_tokens
   np.testing.assert_allclose(out[:n], expected[:n], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_xla_groups_of_blocks(window):
+  """Enough of both kinds of query block for several groups each, every group walking its own kv
+  range: 35 decodes and a 7-token chunk (one-token blocks, two groups), chunks of 200, 40 and 8
+  tokens (QUERY_BLOCK blocks: 8 is the shortest sent there), contexts from 8 to 384 positions."""
+  rng = np.random.default_rng(6)
+  config = dict(DEFAULT_CONFIG, num_tokens=320, num_seqs_max=40, page_size=8, pages_per_seq=48)
+  capacity = config["page_size"] * config["pages_per_seq"]
+  lens = [(1, int(kv)) for kv in rng.integers(1, capacity + 1, 35)]
+  lens += [(200, 384), (40, 40), (8, 300), (7, 8)]
+  order = rng.permutation(len(lens))
+  batch = make_batch(rng, [lens[i] for i in order], **config)
+  _check("xla", batch, "float32", sliding_window=window)
