@@ -191,3 +191,74 @@ def test_refusals(ex):
     with pytest.raises(fj.InvalidRequestError) as e:
         SamplingParams(top_p=0.0)
     assert e.value.param == "top_p"
+
+
+class RecordingExecutor:
+    """The executor, with a log of launches (and how many tokens each fed on device) and reads."""
+
+    def __init__(self, ex):
+        self._ex, self.log = ex, []
+
+    def __getattr__(self, name):
+        return getattr(self._ex, name)
+
+    def launch_unified(self, items, rows, feed=None):
+        launched = self._ex.launch_unified(items, rows, feed)
+        self.log.append(("launch", id(launched), len(feed[1]) if feed else 0))
+        return launched
+
+    def collect(self, launched):
+        self.log.append(("read", id(launched), 0))
+        return self._ex.collect(launched)
+
+
+def test_async_scheduling_launches_the_next_step_before_reading_and_changes_no_output(ex):
+    """Seeded sampling, penalties (whose history needs the pending token: a read first),
+    min_tokens, stop tokens, logprobs and max_tokens ending at different steps: the same tokens
+    with and without async scheduling; with it, decodes are fed on device and step N+1 is
+    launched before step N is read."""
+    prompts = [prompt(n, 70 + i) for i, n in enumerate([6, 19, 33, 4, 50])]
+    params = [
+        SamplingParams(temperature=1.0, top_k=20, seed=5, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=6, max_tokens=14, logprobs=3, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=7, max_tokens=5, repetition_penalty=1.3, presence_penalty=0.5, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=20, min_tokens=3),
+        SamplingParams(temperature=1.0, seed=8, max_tokens=17, stop_token_ids=list(range(1, VOCAB, 9)), ignore_eos=True),
+    ]
+
+    def run(async_scheduling):
+        rec = RecordingExecutor(ex)
+
+        async def body(eng):
+            streams = [eng.add_request(f"a{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))]
+            return await asyncio.gather(*[collect(s) for s in streams])
+
+        async def go():
+            eng = Engine(rec, EngineConfig(async_scheduling=async_scheduling, eos_token_ids=tuple(range(0, VOCAB, 25))))
+            await eng.start()
+            try:
+                return await body(eng)
+            finally:
+                await eng.stop()
+
+        got = asyncio.run(go())
+        outs = [(toks, last.finish_reason, [lp for lp in (last.new_logprobs or ())]) for toks, last in got]
+        return outs, rec.log
+
+    sync, sync_log = run(False)
+    asynchronous, async_log = run(True)
+    assert [o[:2] for o in asynchronous] == [o[:2] for o in sync]
+    assert sync[4][1] == "stop" and len(sync[4][0]) < 17  # found while the next step was in flight
+    assert asynchronous[1][2][0].token_id == sync[1][2][0].token_id
+    np.testing.assert_allclose(asynchronous[1][2][0].logprob, sync[1][2][0].logprob, atol=1e-5)
+    assert all(a == ("read", b[1], 0) for a, b in zip(sync_log[1::2], sync_log[0::2]))
+    assert sum(fed for kind, _, fed in async_log if kind == "launch") > 0
+    # A step read after the next one was launched: the host prepared N+1 while N ran.
+    last_launch, overlapped = None, 0
+    for kind, step, _ in async_log:
+        if kind == "launch":
+            last_launch = step
+        else:
+            overlapped += step != last_launch
+    assert overlapped >= 10
+    assert ex.num_used_pages == 0

@@ -95,6 +95,34 @@ def build_ragged_batch(
     return batch, shape, rows_of_chunk
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Feed:
+    """Token ids a step takes from an earlier step's sampler without a trip through the host
+    (async scheduling): batch token `pos[i]` becomes `prev_ids[rows[i]]`; a `pos` past the
+    batch (NO_FEED) feeds nothing. All `[feed_rows]` int32; prev_ids is the sampler's
+    padded ids output, on device."""
+
+    prev_ids: jax.Array
+    pos: jax.Array
+    rows: jax.Array
+
+
+NO_FEED = 1 << 30
+
+
+def build_feed(prev_ids: jax.Array, pairs: Sequence[tuple[int, int]]) -> Feed:
+    """A feed of (batch token position, row of prev_ids) pairs."""
+    n = prev_ids.shape[0]
+    if len(pairs) > n:
+        raise ValueError(f"{len(pairs)} fed tokens exceed the {n} rows of the previous step's ids")
+    pos = np.full(n, NO_FEED, np.int32)
+    rows = np.zeros(n, np.int32)
+    for i, (p, r) in enumerate(pairs):
+        pos[i], rows[i] = p, r
+    return Feed(prev_ids=prev_ids, pos=pos, rows=rows)
+
+
 def dummy_batch(shape: StepShape, spec: BucketSpec) -> RaggedBatch:
     """An all-padding batch of `shape` (num_seqs 0): compiles the program, touches only page 0."""
     t, s = shape.tokens, shape.seqs

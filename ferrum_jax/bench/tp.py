@@ -46,15 +46,15 @@ def main(argv=None) -> None:
 
     def time_step(ex, chunks):
         batch, _, _ = build_ragged_batch(chunks, ex.buckets, ex.page_size)
-        logits, ex._kv = ex._step(ex._state, ex._kv, batch)
+        logits, ex._kv = ex._step(ex._state, ex._kv, batch, ex._no_feed)
         jax.block_until_ready(logits)
         samples = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            logits, ex._kv = ex._step(ex._state, ex._kv, batch)
+            logits, ex._kv = ex._step(ex._state, ex._kv, batch, ex._no_feed)
             jax.block_until_ready(logits)
             samples.append(time.perf_counter() - t0)
-        hlo = ex._step.lower(ex._state, ex._kv, batch).compile().as_text()
+        hlo = ex._step.lower(ex._state, ex._kv, batch, ex._no_feed).compile().as_text()
         ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", hlo)
         return statistics.median(samples), ops
 

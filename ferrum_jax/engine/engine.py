@@ -4,6 +4,14 @@ step (sampling on device) in a worker thread, and streams each request's new tok
 Only the loop touches the executor, so there are no locks: `add_request` and `abort`
 just enqueue and wake the loop. The step itself runs off the event loop, so HTTP handlers
 keep being served while the accelerator works.
+
+Async scheduling (vLLM's): the loop launches step N+1 before it reads step N's tokens. Each
+request sampled by step N counts that token as `pending`; step N+1 computes it with its id
+taken from step N's sampler output on device (`Feed`), so the host schedules and builds step
+N+1 while the device runs step N, and reads step N's tokens while step N+1 runs. A request
+whose pending token ends it by length is not scheduled; one that step N ends by a stop token
+has computed one token in step N+1 for nothing, which is dropped. Reads come first where the
+host needs the token: a penalty's history, speculative drafting (which runs synchronously).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from ferrum_jax.engine.scheduler import Scheduler
 from ferrum_jax.engine.stream import RequestStream
 from ferrum_jax.engine.types import EngineConfig, EngineStats, RequestOutput, SamplingParams, TokenLogprob
 from ferrum_jax.interfaces import FerrumError, UnifiedBatchItem
-from ferrum_jax.executor.jax_executor import SampledToken
+from ferrum_jax.executor.launched_step import LaunchedStep, SampledToken
 from ferrum_jax.step.sampling import MAX_BANNED, NUM_TOP_LOGPROBS, SamplingRow
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,8 @@ class Engine:
         self.executor = executor
         self.config = config
         self.drafter = drafter if config.num_speculative_tokens else None
+        # The speculative path reads every token before drafting from it.
+        self._async = config.async_scheduling and self.drafter is None
         max_seqs = min(config.max_num_seqs or executor.max_batch_size, executor.max_batch_size)
         max_tokens = min(
             config.max_num_batched_tokens or executor.buckets.max_num_batched_tokens,
@@ -67,6 +77,8 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._dead: BaseException | None = None
+        # The launched step whose tokens are not read yet, and each of its requests' item index.
+        self._inflight: tuple[LaunchedStep, dict[Request, int]] | None = None
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.spec_counts = {"draft": 0, "accepted": 0, "steps": 0}
@@ -149,11 +161,17 @@ class Engine:
             while not self._stopping:
                 self._process_aborts()
                 if not self.scheduler.running and not self.scheduler.waiting:
+                    if self._inflight is not None:
+                        await self._read_inflight()
+                        continue
                     self._wake.clear()
                     await self._wake.wait()
                     continue
                 step = self.scheduler.schedule()
                 if not step.work:
+                    if self._inflight is not None:
+                        await self._read_inflight()  # its tokens may end requests and free pages
+                        continue
                     # Nothing fits this iteration (pages held by requests being aborted):
                     # yield so aborts and new requests are seen.
                     await asyncio.sleep(0.001)
@@ -167,6 +185,8 @@ class Engine:
                     await self._run_spec_step([r for r, _ in decoding])
                 if others:
                     await self._run_step(others)
+            if self._inflight is not None:
+                await self._read_inflight()
         except Exception as e:  # a bug in the loop itself: fail everything, stay dead
             log.exception("engine loop died")
             self._dead = e
@@ -175,9 +195,20 @@ class Engine:
             raise
 
     async def _run_step(self, work: list[tuple[Request, int]]) -> None:
-        items, rows = [], []
-        for req, n in work:
+        """Launches one step over `work`; with async scheduling, then reads the step launched
+        before it (whose tokens this one's decodes take on device), else this one's tokens."""
+        if self._inflight is not None and any(r.pending and _uses_history(r.params) for r, _ in work):
+            # A penalty's history must hold the pending token: read it first.
+            await self._read_inflight()
+            work = [(r, n) for r, n in work if r.state is RequestState.RUNNING]
+            if not work:
+                return
+        items, rows, fed = [], [], []
+        prev_items = self._inflight[1] if self._inflight is not None else {}
+        for i, (req, n) in enumerate(work):
             final = req.num_computed + n == req.num_tokens
+            if req.pending:
+                fed.append((i, prev_items[req]))
             items.append(
                 UnifiedBatchItem(
                     seq_id=req.request_id,
@@ -189,16 +220,45 @@ class Engine:
             )
             if final:
                 rows.append(self._sampling_row(req))
+        feed = (self._inflight[0], fed) if fed else None
         try:
-            sampled = await asyncio.to_thread(self.executor.sample_unified, items, rows)
+            launched = await asyncio.to_thread(self.executor.launch_unified, items, rows, feed)
         except FerrumError as e:
             log.warning("step failed for %d requests: %s", len(work), e)
             for req, _ in work:
                 self._finish(req, "error", error=e)
             return
-        for (req, n), tok in zip(work, sampled):
+        for req, n in work:
             req.num_computed += n
-            if tok is not None and not req.aborted:
+            if req.num_computed == req.num_tokens:
+                req.pending += 1
+        previous = self._inflight
+        self._inflight = (launched, {req: i for i, (req, _) in enumerate(work)})
+        if previous is not None:
+            await self._read(*previous)
+        if not self._async:
+            await self._read_inflight()
+
+    async def _read_inflight(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        await self._read(*inflight)
+
+    async def _read(self, launched, item_of: dict[Request, int]) -> None:
+        """Reads a launched step's tokens and hands them to their requests."""
+        try:
+            sampled = await asyncio.to_thread(self.executor.collect, launched)
+        except FerrumError as e:
+            log.warning("step failed for %d requests: %s", len(item_of), e)
+            for req in item_of:
+                req.pending = 0
+                self._finish(req, "error", error=e)
+            return
+        for req, i in item_of.items():
+            tok = sampled[i]
+            if tok is None:
+                continue
+            req.pending -= 1
+            if req.state is not RequestState.FINISHED and not req.aborted:
                 self._append_token(req, tok)
 
     async def _run_spec_step(self, reqs: list[Request]) -> None:
@@ -250,7 +310,7 @@ class Engine:
     def _sampling_row(self, req: Request, extra: list[int] = ()) -> SamplingRow:
         """Sampling settings for the position after req.all_ids + extra."""
         p = req.params
-        produced = len(req.output_ids) + len(extra)
+        produced = len(req.output_ids) + req.pending + len(extra)
         banned = ()
         if produced < p.min_tokens:
             banned = tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)))

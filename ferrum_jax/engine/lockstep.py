@@ -90,6 +90,18 @@ class LockstepExecutor:
         self._channel = channel
         self._name = name
 
+    def launch_unified(self, items, rows, feed=None):
+        """Runs the step to the end as `sample_unified` on every process; returns its tokens. A
+        launched step's device ids cannot feed the followers' next step, so the engine runs
+        lockstep executors without async scheduling."""
+        if feed is not None:
+            raise FerrumError.internal("a lockstep executor cannot feed a step from an earlier one on device")
+        return self.__getattr__("sample_unified")(items, rows)
+
+    def collect(self, launched):
+        """The tokens `launch_unified` already read."""
+        return launched
+
     def __getattr__(self, attr: str):
         value = getattr(self._executor, attr)
         if attr not in COMMANDS:

@@ -10,6 +10,10 @@ from ferrum_jax.engine.types import RequestOutput, SamplingParams
 from ferrum_jax.interfaces.kv_handle import KvCacheHandle
 
 
+# Stands for a pending token on the host; the step that computes it takes the real id on device.
+PENDING_ID = 0
+
+
 class RequestState(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -30,6 +34,9 @@ class Request:
     state: RequestState = RequestState.WAITING
     # Speculative tokens the scheduler held budget and pages for in this iteration.
     spec_budget: int = 0
+    # Tokens sampled by a step in flight and not read yet (async scheduling): counted in
+    # num_tokens, so the next step can already compute them, fed their ids on device.
+    pending: int = 0
     aborted: bool = False
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
 
@@ -39,7 +46,11 @@ class Request:
 
     def ids(self, start: int, stop: int) -> list[int]:
         """`all_ids[start:stop]` without building `all_ids`: a decode step reads one token of
-        a context that may be thousands long, and the step's host work should not grow with it."""
+        a context that may be thousands long, and the step's host work should not grow with it.
+        Pending tokens read as PENDING_ID."""
+        stop_known = len(self.prompt_ids) + len(self.output_ids)
+        if stop > stop_known:
+            return self.ids(start, stop_known) + [PENDING_ID] * (stop - max(start, stop_known))
         n = len(self.prompt_ids)
         if start >= n:
             return self.output_ids[start - n : stop - n]
@@ -53,7 +64,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    def ends_with_pending(self, max_sequence_length: int) -> bool:
+        """Whether the pending tokens already end it by length: no step should compute past them."""
+        return self.pending > 0 and (
+            len(self.output_ids) + self.pending >= self.params.max_tokens or self.num_tokens >= max_sequence_length
+        )
 
     @property
     def num_uncomputed(self) -> int:

@@ -44,6 +44,8 @@ class Scheduler:
         for req in list(self.running):
             if req.state is not RequestState.RUNNING:
                 continue  # preempted earlier in this loop
+            if req.ends_with_pending(self.executor.max_sequence_length):
+                continue  # its last token is in flight
             if budget == 0 or len(work) == self.max_num_seqs:
                 break
             n = min(req.num_uncomputed, budget)

@@ -99,6 +99,10 @@ class EngineConfig:
     # Speculative decoding: draft tokens verified per decoding request and step (0: off;
     # needs a drafter passed to the Engine).
     num_speculative_tokens: int = 0
+    # Launch step N+1 before reading step N's tokens (vLLM's async scheduling); its decodes take
+    # step N's ids on device. Off: each step's tokens are read before the next is scheduled.
+    # Speculative decoding always runs synchronously.
+    async_scheduling: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ferrum_jax.batch.buckets import BucketSpec, StepShape
-from ferrum_jax.batch.ragged import SequenceChunk, build_ragged_batch, dummy_batch
+from ferrum_jax.batch.ragged import NO_FEED, Feed, SequenceChunk, build_feed, build_ragged_batch, dummy_batch
 from ferrum_jax.executor.compile_cache import enable_persistent_cache
+from ferrum_jax.executor.launched_step import LaunchedStep, SampledToken
 from ferrum_jax.executor.program_store import ProgramStore
 from ferrum_jax.executor.sequence_table import PagedKvCacheHandle, Sequence, SequenceTable
 from ferrum_jax.interfaces import (
@@ -58,7 +59,7 @@ from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.models.sharding import kv_rows, kv_spec, make_mesh
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.param_tree import state_nbytes
-from ferrum_jax.step.ragged_step import make_ragged_step, make_sampler
+from ferrum_jax.step.ragged_step import feed_sharding, make_ragged_step, make_sampler
 from ferrum_jax.step.sampling import SamplingRow, build_sampling_batch, sampling_probs
 
 ATTENTION_CHOICES = ("auto", "xla", "pallas")
@@ -66,16 +67,6 @@ _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 _LATENCY_WINDOW = 1024
 # The program families `warmup` compiles; see its docstring.
 PROGRAM_FAMILIES = ("logits_last", "logits_all", "sample", "distribution")
-
-
-@dataclasses.dataclass(frozen=True)
-class SampledToken:
-    """One token drawn on device, its raw logprob, and the top alternatives `[k]`."""
-
-    token_id: int
-    logprob: float
-    top_ids: np.ndarray
-    top_logprobs: np.ndarray
 
 
 @dataclasses.dataclass
@@ -150,14 +141,22 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._kv = allocate_kv_pages(cfg, num_pages, page_size, jnp.dtype(dtype), kv_rows(cfg, tp), kv_sharding)
         backend = AttentionBackend(self.attention_impl, self.mesh)
         self._step = make_ragged_step(graphdef, backend)
-        self._sampler = make_sampler(backend)
+        feed_rows = self.buckets.max_num_seqs
+        self._sampler = make_sampler(backend, feed_rows)
+        self._no_feed = Feed(
+            prev_ids=jax.device_put(np.zeros(feed_rows, np.int32), feed_sharding(backend)),
+            pos=np.full(feed_rows, NO_FEED, np.int32),
+            rows=np.zeros(feed_rows, np.int32),
+        )
         self._distribution = jax.jit(sampling_probs)
         # Every program runs as an ahead-of-time executable, compiled (or loaded) once per
         # (kind, bucket): warmup compiles without running anything, a restart loads from disk.
         self._store = ProgramStore(self.compilation_cache_dir)
         self._programs: dict[tuple[str, object], jax.stages.Compiled] = {}
+        # What shapes a program beyond its arguments' avals: the sampler's ids size is a constant.
         self._static = "\n".join(
-            [repr(cfg), str(dtype), self.attention_impl, repr(self.mesh), repr([d.id for d in self.mesh.devices.flat])]
+            [repr(cfg), str(dtype), self.attention_impl, repr(self.mesh), repr([d.id for d in self.mesh.devices.flat]),
+             f"feed_rows={feed_rows}"]
         )
         self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length)
         self._info = ModelInfo(
@@ -324,6 +323,15 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         item, the sampled token (final items) or None. Synchronous so the engine can run it
         in a worker thread while its event loop keeps serving.
         """
+        return self.collect(self.launch_unified(items, rows))
+
+    def launch_unified(self, items: list[UnifiedBatchItem], rows: list[SamplingRow],
+                       feed: tuple[LaunchedStep, list[tuple[int, int]]] | None = None) -> LaunchedStep:
+        """`sample_unified` without waiting for the device: the step and its sampler are queued
+        and the returned LaunchedStep reads the tokens (`collect`). feed: (an earlier launched
+        step, [(item, its item)]): each listed item is a single token whose id is not known on
+        the host yet (any placeholder); the step takes it from that step's sampled ids on
+        device."""
         work = self._unified_work(items)
         if len(rows) != sum(item.is_final_chunk for item in items):
             raise FerrumError.internal(f"{len(rows)} sampling rows for {sum(i.is_final_chunk for i in items)} final items")
@@ -333,28 +341,34 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         t0 = time.perf_counter()
         ((chunks, _),) = self._plan_steps(work)
         batch, shape, _ = build_ragged_batch(chunks, self.buckets, self.page_size)
+        step_feed = None
+        if feed is not None:
+            prev, pairs = feed
+            starts = np.cumsum([0] + [len(w.token_ids) for w in work])
+            for item, _ in pairs:
+                if len(work[item].token_ids) != 1:
+                    raise FerrumError.internal(f"fed item {item} has {len(work[item].token_ids)} tokens, not 1")
+            step_feed = build_feed(prev.ids, [(int(starts[item]), prev.row_of_item[from_item]) for item, from_item in pairs])
         sampling = build_sampling_batch(rows, shape.logit_rows, self.max_sequence_length)
-        logits = self._run_step(batch, shape)
-        host = jax.tree.map(np.asarray, self._run_program("sampler", shape.logit_rows, self._sampler, logits, sampling))
+        logits = self._run_step(batch, shape, step_feed)
+        sampled, ids = self._run_program("sampler", shape.logit_rows, self._sampler, logits, sampling)
         for w in work:
             w.seq.num_tokens += len(w.token_ids)
-        kind = "decode" if all(len(w.token_ids) == 1 for w in work) else "prefill"
-        self._record(kind, time.perf_counter() - t0, sum(len(w.token_ids) for w in work), len(work))
-        result, row = [], 0
-        for item in items:
-            if not item.is_final_chunk:
-                result.append(None)
-                continue
-            result.append(
-                SampledToken(
-                    token_id=int(host.token_ids[row]),
-                    logprob=float(host.logprobs[row]),
-                    top_ids=host.top_ids[row],
-                    top_logprobs=host.top_logprobs[row],
-                )
-            )
-            row += 1
-        return result
+        row_of_item = tuple(np.cumsum([item.is_final_chunk for item in items]) - 1)
+        return LaunchedStep(
+            sampled=sampled,
+            ids=ids,
+            row_of_item=tuple(int(r) if item.is_final_chunk else None for r, item in zip(row_of_item, items)),
+            kind="decode" if all(len(w.token_ids) == 1 for w in work) else "prefill",
+            num_tokens=sum(len(w.token_ids) for w in work),
+            started=t0,
+        )
+
+    def collect(self, launched: LaunchedStep) -> list[SampledToken | None]:
+        """The tokens of a launched step (see LaunchedStep.tokens); waits for the device."""
+        tokens = launched.tokens()
+        self._record(launched.kind, time.perf_counter() - launched.started, launched.num_tokens, len(tokens))
+        return tokens
 
     def extend(self, items: list[tuple[KvCacheHandle, list[int]]], rows: str) -> list[np.ndarray]:
         """Appends each item's tokens to its sequence, as few forwards as the limits allow
@@ -556,7 +570,9 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         distributions = self.buckets.token_buckets if "distribution" in programs else ()
         with tqdm(total=sum(self.num_step_programs(programs)), desc="compiling steps", unit="program") as bar:
             for shape in shapes:
-                step = self._program("step", shape, self._step, (self._state, self._kv, dummy_batch(shape, self.buckets)))
+                step = self._program(
+                    "step", shape, self._step, (self._state, self._kv, dummy_batch(shape, self.buckets), self._no_feed)
+                )
                 bar.update()
                 if shape.logit_rows == shape.seqs and shape.logit_rows in sampler_rows:
                     sampler_rows.remove(shape.logit_rows)
@@ -709,9 +725,10 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
     def _run_program(self, kind: str, bucket, fn, *args):
         return self._program(kind, bucket, fn, args)(*args)
 
-    def _run_step(self, batch, shape: StepShape) -> jax.Array:
+    def _run_step(self, batch, shape: StepShape, feed: Feed | None = None) -> jax.Array:
         """One ragged step; the KV pages are donated and replaced. Returns the logits."""
-        logits, self._kv = self._run_program("step", shape, self._step, self._state, self._kv, batch)
+        feed = self._no_feed if feed is None else feed
+        logits, self._kv = self._run_program("step", shape, self._step, self._state, self._kv, batch, feed)
         return logits
 
     def _plan_steps(self, work: list[_Work]) -> list[tuple[list[SequenceChunk], list[int]]]:

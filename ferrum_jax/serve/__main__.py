@@ -37,6 +37,7 @@ def build_context(s: ServeSettings, executor, tokenizer, drafter=None):
     """drafter: proposes `s.speculative_tokens` drafts per step (speculative.build_drafter)."""
     from ferrum_jax.default_model import DEFAULT_MODEL_NAME
     from ferrum_jax.engine import Engine, EngineConfig
+    from ferrum_jax.engine.lockstep import LockstepExecutor
     from ferrum_jax.serve.context import ServerContext
     from ferrum_jax.serve.metrics import ServerMetrics
 
@@ -49,6 +50,7 @@ def build_context(s: ServeSettings, executor, tokenizer, drafter=None):
             eos_token_ids=tuple(tokenizer.eos_token_ids),
             seed=s.seed,
             num_speculative_tokens=s.speculative_tokens if drafter is not None else 0,
+            async_scheduling=not isinstance(executor, LockstepExecutor),
         ),
         drafter,
     )

@@ -7,6 +7,10 @@ per row bucket) rather than fused into the step so that the sampling and logits 
 every step program: fusing them doubled the programs to compile at start-up, and the sampler
 alone added ~0.7 s to each one's compile. The KV pages are donated, so XLA updates them in
 place; the caller must replace its reference with the returned pages.
+
+Async scheduling: the sampler also returns its ids padded to a fixed size, and a step takes a
+`Feed` that overwrites chosen batch tokens with those ids on device, so the engine can launch
+step N+1 (whose decodes consume step N's tokens) before step N's tokens reach the host.
 """
 
 from __future__ import annotations
@@ -14,18 +18,21 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ferrum_jax.batch.ragged import RaggedBatch
+from ferrum_jax.batch.ragged import Feed, RaggedBatch
 from ferrum_jax.kv.pages import KvPages
 from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.step.sampling import SamplingBatch, sample
 
 
-def _forward(graphdef: nnx.GraphDef, backend: AttentionBackend, state: nnx.State, kv: KvPages, batch: RaggedBatch):
+def _forward(graphdef: nnx.GraphDef, backend: AttentionBackend, state: nnx.State, kv: KvPages, batch: RaggedBatch,
+             feed: Feed):
     model = nnx.merge(graphdef, state)
-    logits_lv, k, v = model(batch.token_ids, batch.positions, kv.k, kv.v, batch.meta, batch.logits_indices, backend)
+    token_ids = batch.token_ids.at[feed.pos].set(feed.prev_ids[feed.rows], mode="drop")
+    logits_lv, k, v = model(token_ids, batch.positions, kv.k, kv.v, batch.meta, batch.logits_indices, backend)
     return logits_lv, KvPages(k=k, v=v, num_layers=kv.num_layers)
 
 
@@ -41,15 +48,30 @@ def _replicated(backend: AttentionBackend, tree):
 
 
 def make_ragged_step(graphdef: nnx.GraphDef, backend: AttentionBackend) -> Callable:
-    """`step(state, kv, batch) -> (logits [rows, vocab] f32, kv)`, jitted, kv donated."""
+    """`step(state, kv, batch, feed) -> (logits [rows, vocab] f32, kv)`, jitted, kv donated."""
 
-    def step(state: nnx.State, kv: KvPages, batch: RaggedBatch):
-        logits_lv, kv = _forward(graphdef, backend, state, kv, batch)
+    def step(state: nnx.State, kv: KvPages, batch: RaggedBatch, feed: Feed):
+        logits_lv, kv = _forward(graphdef, backend, state, kv, batch, feed)
         return _replicated(backend, logits_lv), kv
 
     return jax.jit(step, donate_argnames=("kv",))
 
 
-def make_sampler(backend: AttentionBackend) -> Callable:
-    """`sampler(logits [rows, vocab] f32, sampling) -> SampledTokens [rows]`, jitted."""
-    return jax.jit(lambda logits_lv, sampling: _replicated(backend, sample(logits_lv, sampling)))
+def feed_sharding(backend: AttentionBackend) -> NamedSharding | None:
+    """Where the sampler leaves its padded ids and a step expects them: on every device."""
+    return None if backend.mesh is None else NamedSharding(backend.mesh, PartitionSpec())
+
+
+def make_sampler(backend: AttentionBackend, feed_rows: int) -> Callable:
+    """`sampler(logits [rows, vocab] f32, sampling) -> (SampledTokens [rows], ids [feed_rows])`,
+    jitted; `ids` are the token ids padded with zeros, the `Feed.prev_ids` of a later step."""
+    everywhere = feed_sharding(backend)
+
+    def sampler(logits_lv, sampling):
+        sampled = _replicated(backend, sample(logits_lv, sampling))
+        ids = jnp.zeros(feed_rows, jnp.int32).at[: logits_lv.shape[0]].set(sampled.token_ids)
+        if everywhere is not None:
+            ids = jax.lax.with_sharding_constraint(ids, everywhere)
+        return sampled, ids
+
+    return jax.jit(sampler)
