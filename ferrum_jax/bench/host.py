@@ -1,16 +1,18 @@
-"""Host time per engine step: `python -m ferrum_jax.bench host`.
+"""Host time per engine step, with and without async scheduling: `python -m ferrum_jax.bench host`.
 
 The tiny preset's step programs take little device time, so what an engine step costs beyond
 them is the host's: scheduling, the batch and sampling arrays, reading results back, appending
 tokens. `--concurrency` requests with `--prompt-len`-token prompts decode `--output-len` tokens
 each through the engine (greedy, ignore_eos), after one untimed round that compiles everything.
-
-Per decode step (every sequence of the step decoding; the median batch is reported with them;
-early requests finish while the last prompts are still being prefilled) it reports the median of:
-  step      the engine's `_run_step`, all of it;
-  device    the compiled programs the step ran, each timed to `block_until_ready` (the sync
-            this inserts is the one the step makes anyway when it reads the sampled ids);
-  host      step - device.
+Three runs per prompt length, medians over decode-only steps (every sequence of the step
+decoding; the median batch is reported with them):
+  device      synchronous engine, each compiled program timed to `block_until_ready` (the sync
+              this inserts is the one a synchronous step makes anyway when it reads its ids);
+  sync step   the interval between consecutive decode-step launches, async scheduling off: the
+              device time plus all of the host's;
+  async step  the same interval with async scheduling on: the host prepares step N+1 and reads
+              step N's tokens while the device runs;
+  exposed     step - device: the host time the device waits for.
 Run it at two prompt lengths to see whether host time grows with the context.
 """
 
@@ -49,21 +51,23 @@ def main(argv=None) -> None:
         device.append(time.perf_counter() - t0)
         return out
 
-    ex._run_program = timed_program
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
 
-    async def run(prompt_len: int) -> list[tuple[float, float]]:
-        engine = Engine(ex, EngineConfig())
-        steps = []
+    async def run(prompt_len: int, async_scheduling: bool, time_device: bool) -> list[tuple[float, float, int]]:
+        """Per decode-only step: (interval since the previous decode step's launch, device, seqs)."""
+        ex._run_program = timed_program if time_device else run_program
+        engine = Engine(ex, EngineConfig(async_scheduling=async_scheduling))
+        steps, last = [], [None]
         run_step = engine._run_step
 
         async def timed_step(work):
             decoding = all(r.num_uncomputed == 1 for r, _ in work)
-            device.clear()
             t0 = time.perf_counter()
+            if decoding and last[0] is not None:  # the previous step: its interval and programs
+                steps.append((t0 - last[0], sum(device), len(work)))
+            device.clear()
+            last[0] = t0 if decoding else None
             await run_step(work)
-            if decoding:
-                steps.append((time.perf_counter() - t0, sum(device), len(work)))
 
         engine._run_step = timed_step
         await engine.start()
@@ -80,16 +84,19 @@ def main(argv=None) -> None:
         return steps
 
     print(f"tiny preset, {args.concurrency} requests, {args.output_len} output tokens each; medians per decode-only step")
-    print("| prompt tokens | sequences | step ms | device ms | host ms | steps |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| prompt tokens | sequences | device ms | sync step ms | async step ms | exposed host ms, sync | async | steps |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for prompt_len in args.prompt_len:
-        asyncio.run(run(prompt_len))  # compiles every shape this run meets
-        steps = asyncio.run(run(prompt_len))
-        wall = statistics.median(s for s, _, _ in steps)
-        dev = statistics.median(d for _, d, _ in steps)
-        host = statistics.median(s - d for s, d, _ in steps)
-        seqs = statistics.median(n for _, _, n in steps)
-        print(f"| {prompt_len} | {seqs:g} | {wall * 1e3:.2f} | {dev * 1e3:.2f} | {host * 1e3:.2f} | {len(steps)} |")
+        asyncio.run(run(prompt_len, True, False))  # compiles every shape this run meets
+        timed = asyncio.run(run(prompt_len, False, True))
+        sync = asyncio.run(run(prompt_len, False, False))
+        asynchronous = asyncio.run(run(prompt_len, True, False))
+        dev = statistics.median(d for _, d, _ in timed)
+        seqs = statistics.median(n for _, _, n in timed)
+        s = statistics.median(i for i, _, _ in sync)
+        a = statistics.median(i for i, _, _ in asynchronous)
+        print(f"| {prompt_len} | {seqs:g} | {dev * 1e3:.2f} | {s * 1e3:.2f} | {a * 1e3:.2f} | "
+              f"{(s - dev) * 1e3:.2f} | {(a - dev) * 1e3:.2f} | {len(asynchronous)} |")
 
 
 if __name__ == "__main__":

@@ -345,7 +345,7 @@ class Engine:
             token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)
         ):
             reason, stop_token = "stop", token
-        elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.executor.max_sequence_length:
+        elif len(req.output_ids) >= p.max_tokens or req.num_tokens - req.pending >= self.executor.max_sequence_length:
             reason = "length"
         req.emit(
             RequestOutput(
