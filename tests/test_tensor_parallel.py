@@ -91,7 +91,7 @@ def test_tp_matches_single_device(single, cfg, tp):
 def test_one_all_reduce_after_attention_and_one_after_mlp(cfg, tp):
     ex = fj.JaxModelExecutor.from_config(cfg, seed=3, tensor_parallel_size=tp, **LIMITS)
     batch = dummy_batch(StepShape(32, 2, 2), ex.buckets)
-    hlo = ex._step.lower(ex._state, ex._kv, batch).compile().as_text()
+    hlo = ex._step.lower(ex._state, ex._kv, batch, ex._no_feed).compile().as_text()
     collectives = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\(", hlo)
     # two in the layer loop's body (compiled once for all layers), plus one for the
     # vocabulary-sharded embedding lookup
