@@ -8,7 +8,8 @@
     tp              tp.py            tensor-parallel overhead on fake CPU devices
     startup         startup.py       default model load and time to a healthy server
     hlo             hlo.py           the compiled batch-1 decode step's HLO, for hlo_bytes.py
-    host            host.py          host time per engine step (tiny preset)
+    host            host.py          host time per engine step, sync vs async (tiny preset)
+    steps           steps.py         step time by batch composition (default model)
     gpu-attention   gpu_attention.py the GPU attention kernel's correctness and speed
 
 None of them is part of the test suite; each module's docstring says what it measures and how.

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "startup": "startup",
     "hlo": "hlo",
     "host": "host",
+    "steps": "steps",
     "gpu-attention": "gpu_attention",
 }
 
