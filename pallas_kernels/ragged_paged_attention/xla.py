@@ -19,6 +19,8 @@ traffic follows the blocks) while the score FLOPs follow the block's rows:
                  QUERY_BLOCK tokens instead of once per token.
 In a mixed step (31 decodes next to a 481-token chunk) the decodes' groups stop at their own
 contexts and the chunk's 16 blocks walk theirs.
+A step with no more tokens than sequence slots (a decode bucket) uses one-token blocks only:
+nothing there is long enough to gain, and each program compiles one kind instead of two.
 
 Layout: inside the loops everything is [kv_heads, blocks, rows = tokens * group, ...], batch
 dimensions leading, so neither dot transposes an operand or its result per kv block.
@@ -176,6 +178,10 @@ def ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_
       (jnp.where(long_s, 0, q_len_s), 1, min(num_tokens, num_seqs_max * (min_long - 1))),
       (jnp.where(long_s, q_len_s, 0), size, long_bound),
   ]
+  if num_tokens <= num_seqs_max:
+    # A decode-shaped step (no more tokens than slots) takes every token one by one: one kind
+    # of block, correct for any chunk, halves the attention each such program compiles.
+    kinds = [(q_len_s, 1, num_tokens)]
   options = dict(block_pages=max(1, min(KV_BLOCK // page_size, pages_per_seq)), sm_scale=sm_scale,
                  sliding_window=sliding_window, soft_cap=soft_cap)
   seq_t, valid_t = token_sequence_ids(cu_q_lens, num_seqs, num_tokens)
