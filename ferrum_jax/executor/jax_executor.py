@@ -330,7 +330,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         """`sample_unified` without waiting for the device: the step and its sampler are queued
         and the returned LaunchedStep reads the tokens (`collect`). feed: (an earlier launched
         step, [(item, its item)]): each listed item is a single token whose id is not known on
-        the host yet (any placeholder); the step takes it from that step's sampled ids on
+        the host yet (its id here is ignored); the step takes it from that step's sampled ids on
         device."""
         work = self._unified_work(items)
         if len(rows) != sum(item.is_final_chunk for item in items):
