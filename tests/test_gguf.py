@@ -247,3 +247,21 @@ def test_bad_gguf_files_are_clear_errors(llama_model, tmp_path):
         fj.JaxModelExecutor.from_pretrained(tmp_path / "gemma.gguf", **LIMITS)
     with pytest.raises(fj.UnsupportedError, match=r"tokenizer\.ggml\.model=None.*supported: 'gpt2'"):
         load_tokenizer(tmp_path / "gemma.gguf")
+
+
+@pytest.mark.parametrize("tensor_type", ["F16", "BF16", "Q4_1", "Q6_K"])
+def test_header_parser_reads_what_the_gguf_package_reads(llama_model, tmp_path, tensor_type):
+    """Our memory-map header parser against the `gguf` package's reader (the oracle): every
+    metadata value, every tensor's type and shape, every dequantized value."""
+    from ferrum_jax.models.gguf_file import GGUFFile
+
+    path = write_gguf(llama_model, tmp_path / "m.gguf", tensor_type, sentencepiece_vocab())
+    ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+    keys = [k for k in ref.fields if not k.startswith("GGUF.")]  # the reader's pseudo-fields of the header
+    assert sorted(keys) == sorted(ours._fields)
+    assert {k: ours.get(k) for k in keys} == {k: ref.fields[k].contents() for k in keys}
+    assert len(ours.tensors) == len(ref.tensors)
+    for t in ref.tensors:
+        assert (ours.tensors[t.name].type_name, ours.tensors[t.name].shape) == (t.tensor_type.name, tuple(reversed(t.shape)))
+        expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.tensors[t.name].shape)
+        np.testing.assert_array_equal(ours.dequantize(t.name), expected)
