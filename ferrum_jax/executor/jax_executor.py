@@ -26,6 +26,7 @@ from ferrum_jax.batch.buckets import BucketSpec, StepShape
 from ferrum_jax.batch.ragged import NO_FEED, Feed, SequenceChunk, build_feed, build_ragged_batch, dummy_batch
 from ferrum_jax.executor.compile_cache import enable_persistent_cache
 from ferrum_jax.executor.launched_step import LaunchedStep, SampledToken
+from ferrum_jax.executor.platform_defaults import default_dtype, default_max_num_batched_tokens, resolve_attention
 from ferrum_jax.executor.program_store import ProgramStore
 from ferrum_jax.executor.sequence_table import PagedKvCacheHandle, Sequence, SequenceTable
 from ferrum_jax.interfaces import (
@@ -62,8 +63,6 @@ from ferrum_jax.models.param_tree import state_nbytes
 from ferrum_jax.step.ragged_step import feed_sharding, make_ragged_step, make_sampler
 from ferrum_jax.step.sampling import SamplingRow, build_sampling_batch, sampling_probs
 
-ATTENTION_CHOICES = ("auto", "xla", "pallas")
-_ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 _LATENCY_WINDOW = 1024
 # The program families `warmup` compiles; see its docstring.
 PROGRAM_FAMILIES = ("logits_last", "logits_all", "sample", "distribution")
@@ -77,21 +76,6 @@ class _Work:
     token_ids: np.ndarray
     positions: np.ndarray
     logits: str  # "none" | "last" | "all"
-
-
-def default_dtype() -> str:
-    return "bfloat16" if jax.default_backend() in _ACCELERATORS else "float32"
-
-
-def resolve_attention(attention: str) -> str:
-    if attention not in ATTENTION_CHOICES:
-        raise FerrumError.invalid_config(f"attention={attention!r} is not one of {ATTENTION_CHOICES}")
-    on_accelerator = jax.default_backend() in _ACCELERATORS
-    if attention == "auto":
-        return "pallas" if on_accelerator else "xla"
-    if attention == "pallas" and not on_accelerator:
-        return "pallas_interpret"
-    return attention
 
 
 class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
@@ -125,16 +109,17 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self.page_size = page_size
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
-        self.attention_impl = resolve_attention(attention)
+        self.mesh = mesh or make_mesh(1)
+        platform = self.mesh.devices.flat[0].platform
+        self.attention_impl = resolve_attention(attention, platform)
         pages_per_seq = -(-max_sequence_length // page_size)
         if max_num_batched_tokens is None:
-            max_num_batched_tokens = 2048 if jax.default_backend() in _ACCELERATORS else 512
+            max_num_batched_tokens = default_max_num_batched_tokens(platform)
         self.buckets = BucketSpec(max_num_batched_tokens, max_batch_size, pages_per_seq)
         if num_pages is None:
             num_pages = max_batch_size * pages_per_seq + PageAllocator.RESERVED
         self._graphdef = graphdef
         self._state = state
-        self.mesh = mesh or make_mesh(1)
         self.tensor_parallel_size = self.mesh.shape["model"]
         tp = self.tensor_parallel_size
         kv_sharding = NamedSharding(self.mesh, kv_spec(tp))
@@ -203,8 +188,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         float32 on CPU, bfloat16 on GPU/TPU."""
         from ferrum_jax.executor.loading import load_params
 
-        dtype = dtype or default_dtype()
         mesh = make_mesh(tensor_parallel_size)
+        dtype = dtype or default_dtype(mesh.devices.flat[0].platform)
         loaded = load_params(Path(path), dtype, mesh, progress=progress)
         return cls(
             loaded.cfg,
@@ -241,7 +226,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         from ferrum_jax.models.param_tree import random_model
 
         mesh = make_mesh(options.pop("tensor_parallel_size", 1))
-        dtype = options.pop("dtype", None) or default_dtype()
+        dtype = options.pop("dtype", None) or default_dtype(mesh.devices.flat[0].platform)
         graphdef, state = random_model(cfg, jnp.dtype(dtype), seed, mesh)
         return cls(cfg, graphdef, state, model_id=model_id, dtype=dtype, hf_config=hf_config, mesh=mesh, **options)
 

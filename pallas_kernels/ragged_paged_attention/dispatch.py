@@ -3,7 +3,9 @@
 backend:
   "auto"       the Mosaic kernel on TPU, the Triton kernel on GPU, the XLA path on CPU. With
                interpret=True on CPU it runs the TPU kernel in the TPU interpreter instead, since
-               that interpreter simulates DMAs and semaphores faithfully.
+               that interpreter simulates DMAs and semaphores faithfully. The platform is the one
+               the program is compiled for (`platform`), which for an ahead-of-time compile on a
+               CPU host is not the process's default backend.
   "tpu"        the Mosaic kernel (tpu_kernel.py); interpret=True uses the TPU interpreter with
                race detection.
   "gpu"        the Triton kernel (gpu_kernel.py); interpret=True uses the Pallas interpreter.
@@ -32,34 +34,38 @@ _KERNEL_BLOCK_SIZES = {
 }
 
 
-def resolve_backend(backend, interpret):
-  """Concrete backend name for a requested one on the current default platform."""
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def resolve_backend(backend, interpret, platform=None):
+  """Concrete backend name for a requested one on `platform` (None: the default backend)."""
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
   if backend != "auto":
     return backend
-  platform = jax.default_backend()
+  platform = platform or jax.default_backend()
   if platform == "tpu":
     return "tpu"
-  if platform == "gpu":
+  if platform in _GPU_PLATFORMS:
     return "gpu"
   return "tpu" if interpret else "xla"
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale, sliding_window=None, soft_cap=None, backend="auto",
-                           interpret=False, **block_sizes):
+                           interpret=False, platform=None, **block_sizes):
   """Ragged paged attention over one layer's pages.
 
   q [tokens, num_q_heads, head_dim]; k_pages/v_pages [num_kv_heads, num_pages, page_size,
   head_dim]; kv_lens [seqs]; page_indices [seqs, pages_per_seq]; cu_q_lens [seqs + 1]; num_seqs
-  a scalar int32 array. Returns [tokens, num_q_heads, head_dim] in q's dtype. The semantics are
+  a scalar int32 array; platform: what "auto" resolves for (None: the default backend).
+  Returns [tokens, num_q_heads, head_dim] in q's dtype. The semantics are
   documented in pallas_kernels.ragged_paged_attention.reference.
   """
   unknown = sorted(set(block_sizes) - set(BLOCK_SIZE_NAMES))
   if unknown:
     raise ValueError(f"block sizes {unknown} are not among {BLOCK_SIZE_NAMES}")
-  chosen = resolve_backend(backend, interpret)
+  chosen = resolve_backend(backend, interpret, platform)
   kwargs = {name: value for name, value in block_sizes.items()
             if name in _KERNEL_BLOCK_SIZES[chosen]}
   args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)

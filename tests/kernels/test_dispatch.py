@@ -20,6 +20,12 @@ def test_auto_on_cpu():
   assert resolve_backend("gpu", interpret=True) == "gpu"
 
 
+@pytest.mark.parametrize("platform, kernel", [("tpu", "tpu"), ("gpu", "gpu"), ("cuda", "gpu"), ("cpu", "xla")])
+def test_auto_follows_the_compile_platform_not_the_default_backend(platform, kernel):
+  # An ahead-of-time compile on this CPU host for a TPU/GPU target names the target's platform.
+  assert resolve_backend("auto", interpret=False, platform=platform) == kernel
+
+
 def test_auto_matches_xla_and_ignores_unused_block_sizes():
   batch = make_batch(np.random.default_rng(0), MIXED, **DEFAULT_CONFIG)
   auto = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.125, kv_splits=2,

@@ -1,0 +1,40 @@
+"""What the executor's "auto" options become on a platform: dtype, attention, step token budget.
+
+Each takes the platform the programs compile for — the mesh's devices — rather than reading the
+process's default backend, so `python -m ferrum_jax.aot` on a CPU host compiling for a TPU or GPU
+gets exactly what a server on that chip would run.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from ferrum_jax.interfaces.errors import FerrumError
+
+ATTENTION_CHOICES = ("auto", "xla", "pallas")
+ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def on_accelerator(platform: str | None = None) -> bool:
+    return (platform or jax.default_backend()) in ACCELERATORS
+
+
+def default_dtype(platform: str | None = None) -> str:
+    """bfloat16 on accelerators; float32 on CPU, where XLA's bfloat16 matmuls are ~15x slower."""
+    return "bfloat16" if on_accelerator(platform) else "float32"
+
+
+def resolve_attention(attention: str, platform: str | None = None) -> str:
+    """The `AttentionBackend.kind` for `attention` on `platform`."""
+    if attention not in ATTENTION_CHOICES:
+        raise FerrumError.invalid_config(f"attention={attention!r} is not one of {ATTENTION_CHOICES}")
+    if attention == "auto":
+        return "pallas" if on_accelerator(platform) else "xla"
+    if attention == "pallas" and not on_accelerator(platform):
+        return "pallas_interpret"
+    return attention
+
+
+def default_max_num_batched_tokens(platform: str | None = None) -> int:
+    """2048 on accelerators; 512 on CPU, where a step's cost grows with every token in it."""
+    return 2048 if on_accelerator(platform) else 512
