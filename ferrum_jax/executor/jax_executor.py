@@ -23,10 +23,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ferrum_jax.batch.buckets import BucketSpec, StepShape
-from ferrum_jax.batch.ragged import NO_FEED, Feed, SequenceChunk, build_feed, build_ragged_batch, dummy_batch
+from ferrum_jax.batch.ragged import NO_FEED, Feed, SequenceChunk, build_feed, build_ragged_batch
 from ferrum_jax.executor.compile_cache import enable_persistent_cache
 from ferrum_jax.executor.launched_step import LaunchedStep, SampledToken
 from ferrum_jax.executor.platform_defaults import default_dtype, default_max_num_batched_tokens, resolve_attention
+from ferrum_jax.executor.program_plan import (
+    PROGRAM_FAMILIES,
+    ProgramInputs,
+    StepFunctions,
+    compile_programs,
+    num_programs,
+)
 from ferrum_jax.executor.program_store import ProgramStore
 from ferrum_jax.executor.sequence_table import PagedKvCacheHandle, Sequence, SequenceTable
 from ferrum_jax.interfaces import (
@@ -64,8 +71,6 @@ from ferrum_jax.step.ragged_step import feed_sharding, make_ragged_step, make_sa
 from ferrum_jax.step.sampling import SamplingRow, build_sampling_batch, sampling_probs
 
 _LATENCY_WINDOW = 1024
-# The program families `warmup` compiles; see its docstring.
-PROGRAM_FAMILIES = ("logits_last", "logits_all", "sample", "distribution")
 
 
 @dataclasses.dataclass
@@ -539,56 +544,18 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         return 1 <= batch_size <= self.max_batch_size
 
     async def warmup(self, programs: Iterable[str] = PROGRAM_FAMILIES) -> None:
-        """Compiles every bucketed program of the named families (default: all of them), so
-        nothing that uses only those families ever compiles again:
-
-        "logits_last"  the step at one logits row per sequence (prefill, decode, `extend(.., "last")`);
-        "logits_all"   the step at every row (full prefill logits, verify, `extend(.., "all")`);
-        "sample"       what `sample_unified` runs (the engine's every step): the "logits_last"
-                       steps and the sampler, one program per row bucket;
-        "distribution" the sampler's distribution per row bucket (speculative acceptance).
-        """
+        """Compiles every bucketed program of the named families (default: all of them; see
+        `ferrum_jax.executor.program_plan`), so nothing that uses only those families ever
+        compiles again."""
         self._check_live()
-        programs = _check_programs(programs)
-        shapes = self._logits_shapes(programs)
-        sampler_rows = set(self.buckets.row_buckets) if "sample" in programs else set()
-        distributions = self.buckets.token_buckets if "distribution" in programs else ()
+        inputs = ProgramInputs(self._state, self._kv, self._no_feed, self.cfg.vocab_size, self.max_sequence_length)
+        fns = StepFunctions(self._step, self._sampler, self._distribution)
         with tqdm(total=sum(self.num_step_programs(programs)), desc="compiling steps", unit="program") as bar:
-            for shape in shapes:
-                step = self._program(
-                    "step", shape, self._step, (self._state, self._kv, dummy_batch(shape, self.buckets), self._no_feed)
-                )
-                bar.update()
-                if shape.logit_rows == shape.seqs and shape.logit_rows in sampler_rows:
-                    sampler_rows.remove(shape.logit_rows)
-                    # The sampler's key includes its input's sharding: the step's logits output.
-                    logits = jax.ShapeDtypeStruct(
-                        (shape.logit_rows, self.cfg.vocab_size), jnp.float32, sharding=step.output_shardings[0]
-                    )
-                    sampling = build_sampling_batch([], shape.logit_rows, self.max_sequence_length)
-                    self._program("sampler", shape.logit_rows, self._sampler, (logits, sampling))
-                    bar.update()
-            for rows in distributions:
-                logits = np.zeros((rows, self.cfg.vocab_size), np.float32)
-                sampling = build_sampling_batch([], rows, self.max_sequence_length)
-                self._program("distribution", rows, self._distribution, (logits, sampling))
-                bar.update()
-
-    def _logits_shapes(self, programs: set[str]) -> list[StepShape]:
-        last = {"logits_last", "sample"} & programs
-        shapes = (self.buckets.shapes(all_rows=False) if last else []) + (
-            self.buckets.shapes(all_rows=True) if "logits_all" in programs else []
-        )
-        return list(dict.fromkeys(shapes))
+            compile_programs(self._program, fns, inputs, self.buckets, programs, bar.update)
 
     def num_step_programs(self, programs: Iterable[str] = PROGRAM_FAMILIES) -> tuple[int, int, int]:
         """(logits steps, sampler programs, distribution programs) `warmup(programs)` compiles."""
-        programs = _check_programs(programs)
-        return (
-            len(self._logits_shapes(programs)),
-            len(self.buckets.row_buckets) if "sample" in programs else 0,
-            len(self.buckets.token_buckets) if "distribution" in programs else 0,
-        )
+        return num_programs(self.buckets, programs)
 
     async def shutdown(self) -> None:
         self._seqs.release_all()
@@ -775,14 +742,6 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             peak_bytes=max(peak, used),
             utilization_percent=100.0 * used / allocated,
         )
-
-
-def _check_programs(programs: Iterable[str]) -> set[str]:
-    programs = set(programs)
-    unknown = sorted(programs - set(PROGRAM_FAMILIES))
-    if unknown:
-        raise FerrumError.invalid_config(f"program families {unknown} are not among {list(PROGRAM_FAMILIES)}")
-    return programs
 
 
 def _device() -> Device:
