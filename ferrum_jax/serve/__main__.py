@@ -11,7 +11,7 @@
 Startup: join a multi-host job if asked (multihost.py; before anything else touches JAX),
 build the tokenizer, the executor (weights, KV pool) and the drafter (speculative.py),
 compile every program the engine will run on the target and on a draft model (`warmup` of
-the families `target_programs` / `DRAFT_PROGRAMS` name, so no request ever waits for a compile;
+the families `program_plan.target_programs` / `DRAFT_PROGRAMS` name, so no request ever waits for a compile;
 `--no-warmup` skips it), build the engine, then serve with
 uvicorn on one event loop shared with the engine loop. Flags are in settings.py, model
 loading in loading.py, shutdown behaviour in shutdown.py.
@@ -28,6 +28,7 @@ import logging
 
 import uvicorn
 
+from ferrum_jax.executor.program_plan import DRAFT_PROGRAMS, target_programs
 from ferrum_jax.serve.settings import ServeSettings, parse_settings
 
 logger = logging.getLogger("ferrum_jax.serve")
@@ -87,15 +88,6 @@ async def serve(s: ServeSettings) -> None:
         if channel is not None:
             channel.stop()
 
-
-# What the engine runs, so the warmup compiles nothing it never uses: every step is a
-# `sample_unified`; speculation adds the target's verify (`extend(.., "all")`) and exact
-# acceptance (`distribution`), and a draft model extends by its last rows.
-DRAFT_PROGRAMS = ("logits_last", "distribution")
-
-
-def target_programs(speculative: bool) -> tuple[str, ...]:
-    return ("sample", "logits_all", "distribution") if speculative else ("sample",)
 
 
 async def _serve(s: ServeSettings, tokenizer, executor, channel) -> None:

@@ -1,0 +1,173 @@
+"""Compile a server's programs for a TPU or GPU from this (CPU) machine, and say whether it fits.
+
+    python -m ferrum_jax.aot --target tpu-v6e-1 --model configs/models/llama-3-8b --max-model-len 8192
+    python -m ferrum_jax.aot --target gpu-h100 --config configs/llama3_8b_gpu.yaml --model DIR --json out.json
+
+Takes every `python -m ferrum_jax.serve` flag (and `--config` files) with the server's defaults;
+those that shape programs (--max-model-len, --max-num-seqs, --max-num-batched-tokens,
+--page-size, --num-pages, --dtype, --tensor-parallel-size, --attention, the speculative ones)
+matter here. The model is read for its config only: a directory holding just config.json, a
+GGUF file's metadata, or a preset. Compiles what the server's warmup would compile, on the
+target's compile-only devices with its attention kernel, and prints per program the compile
+time and per-device bytes (arguments, outputs, temporaries, peak) against the chip's usable
+memory, then whether the configuration fits, with how many KV pages it could hold, and how many
+copies of the KV pool the programs make (there should be none). Exits 1 if a program fails to
+compile, the configuration does not fit, or a program copies the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from ferrum_jax.aot.hlo_checks import kv_pool_copies
+from ferrum_jax.aot.programs import CompiledProgram, Limits, compile_all, count_programs, default_num_pages, dump_hlo, kv_page_shape, target_mesh
+from ferrum_jax.aot.targets import GiB, TARGETS, Target, get_target
+from ferrum_jax.executor.platform_defaults import default_dtype, default_max_num_batched_tokens
+from ferrum_jax.executor.program_plan import PROGRAM_FAMILIES, target_programs
+from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.param_tree import abstract_model, param_shardings, unflatten_into
+from ferrum_jax.serve.settings import ServeSettings, parse_settings
+
+
+def model_config(s: ServeSettings) -> ModelConfig:
+    if s.preset is not None:
+        from ferrum_jax.executor.presets import load_preset
+
+        return load_preset(s.preset).model
+    from ferrum_jax.default_model import default_model_path
+    from ferrum_jax.executor.loading import hf_config_of
+
+    return ModelConfig.from_hf_dict(hf_config_of(Path(s.model) if s.model else default_model_path()))
+
+
+def resolve_limits(s: ServeSettings, target: Target) -> Limits:
+    """The server's settings with its defaults filled in for the target's platform."""
+    from ferrum_jax.executor.jax_executor import JaxModelExecutor
+
+    defaults = inspect.signature(JaxModelExecutor.__init__).parameters
+    max_model_len = s.max_model_len or defaults["max_sequence_length"].default
+    max_num_seqs = s.max_num_seqs or defaults["max_batch_size"].default
+    page_size = s.page_size or defaults["page_size"].default
+    return Limits(
+        dtype=s.executor_dtype or default_dtype(target.platform),
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=s.max_num_batched_tokens or default_max_num_batched_tokens(target.platform),
+        page_size=page_size,
+        num_pages=s.num_pages or default_num_pages(max_num_seqs, max_model_len, page_size),
+        tensor_parallel_size=s.tensor_parallel_size or 1,
+        attention=s.attention or "auto",
+    )
+
+
+def weight_bytes_per_device(cfg: ModelConfig, limits: Limits, devices: list) -> int:
+    """The largest share of the parameters any one device holds."""
+    _, abstract = abstract_model(cfg, jnp.dtype(limits.dtype))
+    mesh = target_mesh(devices, limits.tensor_parallel_size)
+    shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
+    sizes = jax.tree.map(lambda a, sh: a.dtype.itemsize * _shard_elements(a.shape, sh), abstract, shardings)
+    return int(sum(jax.tree.leaves(sizes)))
+
+
+def _shard_elements(shape, sharding) -> int:
+    return math.prod(sharding.shard_shape(tuple(shape)))
+
+
+def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[CompiledProgram], weights: int) -> dict:
+    """The summary printed and written to --json."""
+    tp = limits.tensor_parallel_size
+    pool_shape = kv_page_shape(cfg, limits)
+    device_pool = (pool_shape[0] // tp, *pool_shape[1:])  # kv_rows is a multiple of tp
+    itemsize = jnp.dtype(limits.dtype).itemsize
+    pool_bytes = 2 * itemsize * device_pool[0] * device_pool[1] * device_pool[2] * device_pool[3]
+    page_bytes = pool_bytes // limits.num_pages
+    peak = max(p.peak_bytes for p in programs)
+    usable = target.usable_bytes
+    copies = {f"{p.kind}_{p.bucket}": kv_pool_copies(p.hlo, device_pool, cfg.num_layers) for p in programs}
+    return {
+        "target": target.name,
+        "limits": vars(limits),
+        "programs": [
+            {"kind": p.kind, "bucket": p.bucket, "compile_s": round(p.seconds, 2), "argument_bytes": p.argument_bytes,
+             "output_bytes": p.output_bytes, "alias_bytes": p.alias_bytes, "temp_bytes": p.temp_bytes,
+             "peak_bytes": p.peak_bytes, "kv_pool_copies": len(copies[f"{p.kind}_{p.bucket}"])}
+            for p in programs
+        ],  # fmt: skip
+        "compile_s": round(sum(p.seconds for p in programs), 1),
+        "usable_bytes_per_device": usable,
+        "weight_bytes_per_device": weights,
+        "kv_pool_bytes_per_device": pool_bytes,
+        "peak_bytes_per_device": peak,
+        "fits": peak <= usable,
+        "num_pages": limits.num_pages,
+        "max_num_pages": max(0, (usable - (peak - pool_bytes)) // page_bytes),
+        "kv_pool_copies": sum(len(c) for c in copies.values()),
+        "kv_pool_copy_lines": [line for c in copies.values() for line in c[:3]][:10],
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ferrum_jax.aot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True, choices=sorted(TARGETS))
+    p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--dump-hlo", type=Path, help="write each compiled program's HLO text into this directory")
+    p.add_argument("--programs", nargs="+", choices=PROGRAM_FAMILIES,
+                   help="program families to compile (default: what the server's warmup compiles)")
+    args, serve_argv = p.parse_known_args(argv)
+    s = parse_settings(serve_argv)
+    target = get_target(args.target)
+    cfg = model_config(s)
+    limits = resolve_limits(s, target)
+    devices = target.devices()
+    programs = tuple(args.programs or target_programs(s.speculative_method is not None))
+    total = count_programs(limits, programs)
+    print(f"{target.name}: {len(devices)} x {devices[0].device_kind}, {_gib(target.usable_bytes)} GiB usable per device")
+    print(f"limits: {vars(limits)}; {total} programs ({', '.join(programs)})", flush=True)
+    print("| program | compile s | args GiB | out GiB | temp GiB | peak GiB |\n|---|---:|---:|---:|---:|---:|", flush=True)
+
+    def row(c: CompiledProgram):
+        print(f"| {c.kind} {c.bucket} | {c.seconds:.1f} | {_gib(c.argument_bytes)} | {_gib(c.output_bytes)} | "
+              f"{_gib(c.temp_bytes)} | {_gib(c.peak_bytes)} |", flush=True)  # fmt: skip
+
+    try:
+        compiled = compile_all(cfg, limits, devices, programs, row)
+    except FerrumError:
+        raise  # a configuration error, said as such
+    except Exception as e:  # XLA / Mosaic / Triton compile failures
+        # XLA:TPU refuses a program whose buffers exceed HBM: that is the answer "does not fit".
+        fits = "RESOURCE_EXHAUSTED" not in str(e)
+        print(f"{'compile failed' if fits else 'DOES NOT FIT'}: {type(e).__name__}: {e}", file=sys.stderr)
+        if args.json:
+            args.json.write_text(json.dumps({"target": target.name, "limits": vars(limits), "fits": fits, "error": str(e)}, indent=1))
+        return 1
+    if args.dump_hlo:
+        dump_hlo(compiled, args.dump_hlo)
+    r = report(cfg, limits, target, compiled, weight_bytes_per_device(cfg, limits, devices))
+    print(
+        f"\ncompiled {len(compiled)} programs in {r['compile_s']} s; per device: weights {_gib(r['weight_bytes_per_device'])} GiB, "
+        f"KV pool {_gib(r['kv_pool_bytes_per_device'])} GiB ({limits.num_pages} pages), peak {_gib(r['peak_bytes_per_device'])} "
+        f"of {_gib(r['usable_bytes_per_device'])} GiB usable: {'fits' if r['fits'] else 'DOES NOT FIT'}; "
+        f"up to {r['max_num_pages']} KV pages fit; KV-pool copies in the programs: {r['kv_pool_copies']}"
+    )
+    for line in r["kv_pool_copy_lines"]:
+        print("  " + line[:200])
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=1))
+    return 0 if r["fits"] and r["kv_pool_copies"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

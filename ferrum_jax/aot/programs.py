@@ -1,0 +1,154 @@
+"""Compiles a server's whole program set for a target from the model config alone.
+
+Parameters, KV pages and the feed are ShapeDtypeStructs carrying the shardings a server on the
+target would give them (`param_shardings`, `kv_spec`, `feed_sharding`) on the target's
+compile-only devices: nothing is read, allocated or run. The programs and their arguments come
+from `ferrum_jax.executor.program_plan`, the enumeration `JaxModelExecutor.warmup` uses, and the
+attention kernel, dtype and step token budget from the target's platform
+(`ferrum_jax.executor.platform_defaults`), so what compiles here is what the server compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ferrum_jax.batch.buckets import BucketSpec
+from ferrum_jax.batch.ragged import NO_FEED, Feed
+from ferrum_jax.executor.platform_defaults import resolve_attention
+from ferrum_jax.executor.program_plan import ProgramInputs, StepFunctions, compile_programs, num_programs
+from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.kv.allocator import PageAllocator
+from ferrum_jax.kv.pages import KvPages
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.paged_attention import AttentionBackend
+from ferrum_jax.models.param_tree import abstract_model, param_shardings, unflatten_into
+from ferrum_jax.models.sharding import MESH_AXES, check_divisible, kv_rows, kv_spec
+from ferrum_jax.step.ragged_step import feed_sharding, make_ragged_step, make_sampler
+from ferrum_jax.step.sampling import sampling_probs
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The server flags that shape the programs, resolved (no None left)."""
+
+    dtype: str
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    page_size: int
+    num_pages: int
+    tensor_parallel_size: int
+    attention: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledProgram:
+    """One program's compile time and per-device bytes (XLA's memory analysis)."""
+
+    kind: str
+    bucket: str
+    seconds: float
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    hlo: str = dataclasses.field(repr=False)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Live at once: arguments, outputs not aliased to (donated) arguments, temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def target_mesh(devices: list, tensor_parallel_size: int) -> Mesh:
+    """The mesh `make_mesh` builds on a host with these devices."""
+    if not 1 <= tensor_parallel_size <= len(devices):
+        raise FerrumError.invalid_config(
+            f"tensor_parallel_size={tensor_parallel_size}: the target has {len(devices)} devices"
+        )
+    return Mesh(np.asarray(devices[:tensor_parallel_size]).reshape(1, tensor_parallel_size), MESH_AXES)
+
+
+def default_num_pages(max_num_seqs: int, max_model_len: int, page_size: int) -> int:
+    """The executor's default pool: every sequence at full length, plus the padding page."""
+    return max_num_seqs * -(-max_model_len // page_size) + PageAllocator.RESERVED
+
+
+def kv_page_shape(cfg: ModelConfig, limits: Limits) -> tuple[int, int, int, int]:
+    """One of the K/V pool arrays, whole (all devices)."""
+    rows = kv_rows(cfg, limits.tensor_parallel_size)
+    return (rows, cfg.num_layers * limits.num_pages, limits.page_size, cfg.head_dim)
+
+
+def abstract_inputs(cfg: ModelConfig, limits: Limits, mesh: Mesh, backend: AttentionBackend, feed_rows: int):
+    """(graphdef, ProgramInputs) of ShapeDtypeStructs sharded as a server would place them."""
+    dtype = jnp.dtype(limits.dtype)
+    graphdef, abstract = abstract_model(cfg, dtype)
+    shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    kv_sharding = NamedSharding(mesh, kv_spec(limits.tensor_parallel_size))
+    pages = jax.ShapeDtypeStruct(kv_page_shape(cfg, limits), dtype, sharding=kv_sharding)
+    kv = KvPages(k=pages, v=pages, num_layers=cfg.num_layers)
+    no_feed = Feed(
+        prev_ids=jax.ShapeDtypeStruct((feed_rows,), jnp.int32, sharding=feed_sharding(backend)),
+        pos=np.full(feed_rows, NO_FEED, np.int32),
+        rows=np.zeros(feed_rows, np.int32),
+    )
+    return graphdef, ProgramInputs(state, kv, no_feed, cfg.vocab_size, limits.max_model_len)
+
+
+def compile_all(
+    cfg: ModelConfig, limits: Limits, devices: list, programs: tuple[str, ...],
+    progress: Callable[[CompiledProgram], None] = lambda p: None,
+) -> list[CompiledProgram]:
+    """Compiles every program of the `programs` families for `devices`; a program that fails to
+    compile raises (XLA's and Mosaic's errors name the op)."""
+    check_divisible(cfg, limits.tensor_parallel_size)
+    mesh = target_mesh(devices, limits.tensor_parallel_size)
+    platform = mesh.devices.flat[0].platform
+    backend = AttentionBackend(resolve_attention(limits.attention, platform), mesh)
+    buckets = BucketSpec(limits.max_num_batched_tokens, limits.max_num_seqs, -(-limits.max_model_len // limits.page_size))
+    graphdef, inputs = abstract_inputs(cfg, limits, mesh, backend, buckets.max_num_seqs)
+    fns = StepFunctions(make_ragged_step(graphdef, backend), make_sampler(backend, buckets.max_num_seqs), jax.jit(sampling_probs))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    out: list[CompiledProgram] = []
+
+    def abstract(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated)
+
+    def compile(kind, bucket, fn, args):
+        t0 = time.perf_counter()
+        compiled = fn.lower(*jax.tree.map(abstract, args)).compile()
+        seconds = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        name = f"t{bucket.tokens}_s{bucket.seqs}_l{bucket.logit_rows}" if kind == "step" else f"r{bucket}"
+        out.append(CompiledProgram(
+            kind, name, seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes,
+            mem.alias_size_in_bytes, mem.temp_size_in_bytes, compiled.as_text(),
+        ))  # fmt: skip
+        progress(out[-1])
+        return compiled
+
+    compile_programs(compile, fns, inputs, buckets, programs)
+    return out
+
+
+def count_programs(limits: Limits, programs: tuple[str, ...]) -> int:
+    buckets = BucketSpec(limits.max_num_batched_tokens, limits.max_num_seqs, -(-limits.max_model_len // limits.page_size))
+    return sum(num_programs(buckets, programs))
+
+
+def dump_hlo(compiled: list[CompiledProgram], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for p in compiled:
+        (directory / f"{p.kind}_{p.bucket}.hlo.txt").write_text(p.hlo)

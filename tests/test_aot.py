@@ -1,0 +1,134 @@
+"""Compile-only TPU and GPU targets (`python -m ferrum_jax.aot`): the real XLA:TPU + Mosaic and
+XLA:GPU + Triton + ptxas compilers, run on this CPU machine against compile-only devices.
+
+Oracles: the compilers themselves (a kernel they reject fails), XLA's memory analysis, and the
+compiled HLO text (the kernel's custom call is there; no copy of the KV pool; two all-reduces
+per tensor-parallel layer). Each target compiles in its own process (`make test` installs
+libtpu, the jax CUDA plugin and ptxas), because some Triton failures abort the process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA_8B = str(REPO / "configs" / "models" / "llama-3-8b")
+LLAMA_70B = str(REPO / "configs" / "models" / "llama-3-70b")
+# Few buckets: decode at 1, 2, 4 sequences, and 16-token steps of 1 and 4 sequences (mixed and
+# prefill-shaped), at Llama-3's full context.
+SMALL = ["--max-model-len", "8192", "--max-num-seqs", "4", "--max-num-batched-tokens", "16", "--programs", "logits_last"]
+KERNEL_CALL = {"tpu": 'custom_call_target="tpu_custom_call"', "gpu": 'custom_call_target="__gpu$xla.gpu.triton"'}
+
+needs_tpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (make test installs it)")
+needs_cuda = pytest.mark.skipif(
+    importlib.util.find_spec("jax_plugins.xla_cuda12") is None, reason="the jax CUDA plugin is not installed (make test installs it)"
+)
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def aot(tmp_path: Path, *args: str) -> tuple[int, dict, dict[str, str]]:
+    """(exit code, the --json report, program name -> compiled HLO text)."""
+    out = run_module("ferrum_jax.aot", *args, "--json", str(tmp_path / "r.json"), "--dump-hlo", str(tmp_path / "hlo"))
+    report = json.loads((tmp_path / "r.json").read_text()) if (tmp_path / "r.json").exists() else {}
+    hlo = {p.name.removesuffix(".hlo.txt"): p.read_text() for p in sorted((tmp_path / "hlo").glob("*.hlo.txt"))}
+    assert report, out.stdout + out.stderr
+    return out.returncode, report, hlo
+
+
+@pytest.mark.parametrize("target", [
+    pytest.param("tpu-v5e-1", marks=needs_tpu), pytest.param("tpu-v6e-1", marks=needs_tpu),
+    pytest.param("gpu-h100", marks=needs_cuda), pytest.param("gpu-a100", marks=needs_cuda),
+])  # fmt: skip
+def test_attention_kernel_compiles_for_the_target(target):
+    out = run_module("ferrum_jax.aot.kernel_check", "--target", target)
+    results = [line for line in out.stdout.splitlines() if line.startswith(("ok ", "FAILED "))]
+    assert out.returncode == 0 and len(results) == 8 and all(r.startswith("ok ") for r in results), out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("target, platform", [
+    pytest.param("tpu-v6e-1", "tpu", marks=needs_tpu), pytest.param("gpu-h100", "gpu", marks=needs_cuda),
+])  # fmt: skip
+def test_llama3_8b_step_compiles_fits_and_copies_no_kv(tmp_path, target, platform):
+    code, report, hlo = aot(tmp_path, "--target", target, "--model", LLAMA_8B, *SMALL, "--num-pages", "2048")
+    assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
+    assert sorted(hlo) == ["step_t16_s1_l1", "step_t16_s4_l4", "step_t1_s1_l1", "step_t2_s2_l2", "step_t4_s4_l4"]
+    for name, text in hlo.items():
+        assert KERNEL_CALL[platform] in text, f"{name}: the {platform} attention kernel is not in the program"
+    # bfloat16 Llama-3-8B: 8.03e9 parameters; the pool 2 x 32 layers x 2048 pages x 16 x 8 x 128 x 2 bytes.
+    assert 8.0e9 * 2 < report["weight_bytes_per_device"] < 8.1e9 * 2
+    assert report["kv_pool_bytes_per_device"] == 2 * 32 * 2048 * 16 * 8 * 128 * 2
+    assert all(p["peak_bytes"] >= report["weight_bytes_per_device"] + report["kv_pool_bytes_per_device"] for p in report["programs"])
+
+
+@needs_tpu
+def test_llama3_70b_tp8_has_two_all_reduces_per_layer(tmp_path):
+    code, report, hlo = aot(
+        tmp_path, "--target", "tpu-v6e-8", "--model", LLAMA_70B, "--tensor-parallel-size", "8", "--max-model-len", "8192",
+        "--max-num-seqs", "1", "--max-num-batched-tokens", "16", "--num-pages", "4096", "--programs", "logits_last",
+    )  # fmt: skip
+    assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
+    assert len(hlo) == 2
+    for name, text in hlo.items():
+        # The scanned layer body is the while loop's: attention's output projection and the MLP's down projection.
+        in_layers = [line for line in text.splitlines() if re.search(r"\ball-reduce(-start)?\(", line) and "/while/" in line]
+        assert len(in_layers) == 2, f"{name}: {in_layers}"
+    assert 70.5e9 * 2 / 8 < report["weight_bytes_per_device"] < 71e9 * 2 / 8
+
+
+@needs_tpu
+def test_an_oversized_config_is_reported_as_not_fitting(tmp_path):
+    # 16384 pages of Llama-3-8B are 64 GiB of KV next to 15 GiB of weights; a v6e has 32 GiB.
+    code, report, _ = aot(tmp_path, "--target", "tpu-v6e-1", "--model", LLAMA_8B, *SMALL, "--num-pages", "16384")
+    assert code == 1 and report["fits"] is False, report
+
+
+@needs_tpu
+def test_the_kv_copy_check_finds_the_copies_a_layout_changing_scatter_makes():
+    """The HLO check against a real XLA:TPU compile: the old write (heads in the scatter window)
+    relaid the pool out around the kernel; write_kv keeps it in place."""
+    script = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ferrum_jax.aot.hlo_checks import kv_pool_copies
+from ferrum_jax.aot.targets import get_target
+from ferrum_jax.models.paged_attention import write_kv
+from pallas_kernels import ragged_paged_attention
+
+def heads_in_window(pages, new, slots):
+    ps = pages.shape[2]
+    return pages.at[:, slots // ps, slots % ps, :].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype))
+
+dev = get_target("tpu-v6e-1").devices()[0]
+sh = NamedSharding(Mesh(np.asarray([dev]), ("x",)), PartitionSpec())
+s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+layers, pages = 4, 256
+pool = (8, layers * pages, 16, 128)
+args = (s((32, 32, 128), jnp.bfloat16), s((32, 8, 128), jnp.bfloat16), s(pool, jnp.bfloat16), s((32,), jnp.int32),
+        s((8,), jnp.int32), s((8, 64), jnp.int32), s((9,), jnp.int32), s((), jnp.int32))
+for write in (heads_in_window, write_kv):
+    # Like the step: the pool is carried through a loop over layers, each writing then attending.
+    def step(q, new, k, slots, kv_lens, table, cu, n):
+        def layer(l, carry):
+            x, k = carry
+            k = write(k, new, slots + l * pages * 16)
+            return ragged_paged_attention(x, k, k, kv_lens, table + l * pages, cu, n, sm_scale=0.1, platform="tpu"), k
+        return jax.lax.fori_loop(0, layers, layer, (q, k))
+    hlo = jax.jit(step, donate_argnums=2).lower(*args).compile().as_text()
+    print(write.__name__, len(kv_pool_copies(hlo, pool, layers)))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    counts = dict(line.split() for line in out.stdout.splitlines() if line.startswith(("heads_in_window", "write_kv")))
+    assert int(counts["heads_in_window"]) > 0 and int(counts["write_kv"]) == 0, out.stdout + out.stderr
