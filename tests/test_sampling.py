@@ -83,6 +83,26 @@ def test_top_k_top_p_min_p_restrict_the_support():
     assert p[6] + p[0] < 0.8 < p[6] + p[0] + p[1]
 
 
+def test_top_k_top_p_support_on_a_large_vocabulary_matches_the_sorted_definition():
+    """The support of the sampled distribution over 49152 random logits against a float64 numpy
+    oracle that sorts: top-k by rank, then top-p keeping a token while the mass of the tokens
+    sorted before it is below top_p."""
+    from ferrum_jax.step.sampling import sampling_probs
+
+    rng = np.random.default_rng(7)
+    vocab = 49152
+    settings = [(0, 0.5), (0, 0.9), (0, 0.01), (1, 1.0), (5, 1.0), (50, 0.9), (1000, 0.5), (vocab, 0.3), (3000, 0.99), (0, 1.0)]
+    logits = (rng.normal(size=(len(settings), vocab)) * 3).astype(np.float32)
+    rows = [SamplingRow(temperature=1.0, top_k=k, top_p=p) for k, p in settings]
+    support = np.asarray(jax.jit(sampling_probs)(logits, build_sampling_batch(rows, len(rows), 16))) > 0
+    for i, (k, p) in enumerate(settings):
+        order = np.argsort(-logits[i].astype(np.float64), kind="stable")
+        kept = order[: k or vocab]
+        probs = softmax(logits[i].astype(np.float64)[kept])
+        kept = kept[np.cumsum(probs) - probs < p] if p < 1 else kept
+        assert set(np.flatnonzero(support[i]).tolist()) == set(kept.tolist()), (k, p)
+
+
 def test_seeded_draws_depend_on_seed_and_step_only():
     a = draw([SamplingRow(temperature=1.0, seed=42, step=3)] + [SamplingRow(temperature=1.0, seed=s) for s in range(5)])
     b = draw([SamplingRow(temperature=1.0, seed=s) for s in range(7)] + [SamplingRow(temperature=1.0, seed=42, step=3)])
