@@ -163,3 +163,37 @@ def test_multi_host_initialize_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "0"]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied-embedding"])
+def test_odd_vocabulary_is_padded_for_tp_and_matches_hf(tmp_path, tied):
+    """A vocabulary of 509 (prime) under TP 2 and 4: the vocabulary-split parameters are padded
+    to a multiple of the TP size, the logits come back at 509 columns equal to HF's, and a
+    checkpoint saved at TP 2 holds the real vocabulary and restores at TP 1 and 4."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=509, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    prompt = PROMPT[:, :20]
+    with torch.no_grad():
+        want = hf(torch.as_tensor(prompt, dtype=torch.long)).logits[0].numpy()
+
+    def logits(ex):
+        out = asyncio.run(ex.prefill(fj.PrefillInput(input_ids=prompt)))
+        return out.logits[0]
+
+    ex = fj.JaxModelExecutor.from_pretrained(tmp_path / "hf", tensor_parallel_size=2, **LIMITS)
+    assert flatten_state(ex._state)["embed"].shape == (510, 64)
+    np.testing.assert_allclose(logits(ex), want, rtol=1e-4, atol=1e-4)
+    ex.save_checkpoint(tmp_path / "orbax")
+    for tp in (1, 4):
+        back = fj.JaxModelExecutor.from_pretrained(tmp_path / "orbax", tensor_parallel_size=tp, **LIMITS)
+        assert flatten_state(back._state)["embed"].shape == (-(-509 // tp) * tp, 64)
+        np.testing.assert_allclose(logits(back), want, rtol=1e-4, atol=1e-4)

@@ -71,7 +71,7 @@ def resolve_limits(s: ServeSettings, target: Target) -> Limits:
 
 def weight_bytes_per_device(cfg: ModelConfig, limits: Limits, devices: list) -> int:
     """The largest share of the parameters any one device holds."""
-    _, abstract = abstract_model(cfg, jnp.dtype(limits.dtype))
+    _, abstract = abstract_model(cfg, jnp.dtype(limits.dtype), limits.tensor_parallel_size)
     mesh = target_mesh(devices, limits.tensor_parallel_size)
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
     sizes = jax.tree.map(lambda a, sh: a.dtype.itemsize * _shard_elements(a.shape, sh), abstract, shardings)

@@ -91,7 +91,7 @@ def kv_page_shape(cfg: ModelConfig, limits: Limits) -> tuple[int, int, int, int]
 def abstract_inputs(cfg: ModelConfig, limits: Limits, mesh: Mesh, backend: AttentionBackend, feed_rows: int):
     """(graphdef, ProgramInputs) of ShapeDtypeStructs sharded as a server would place them."""
     dtype = jnp.dtype(limits.dtype)
-    graphdef, abstract = abstract_model(cfg, dtype)
+    graphdef, abstract = abstract_model(cfg, dtype, limits.tensor_parallel_size)
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     kv_sharding = NamedSharding(mesh, kv_spec(limits.tensor_parallel_size))

@@ -240,11 +240,12 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         `from_pretrained(path)` restores directly."""
         from ferrum_jax.models.checkpoint import save_checkpoint
         from ferrum_jax.models.param_tree import flatten_state
+        from ferrum_jax.models.vocab_padding import unpad
 
         self._check_live()
         if self.hf_config is None:
             raise FerrumError.unsupported("this executor was built from a ModelConfig alone: no HF config.json to save")
-        save_checkpoint(path, flatten_state(self._state), self.hf_config, self.dtype)
+        save_checkpoint(path, unpad(flatten_state(self._state), self.cfg.vocab_size), self.hf_config, self.dtype)
 
     # ------------------------------------------------------------------ interface
 

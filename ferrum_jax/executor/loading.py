@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.checkpoint import checkpoint_dtype, is_ferrum_checkpoint, restore_checkpoint
@@ -25,6 +25,7 @@ from ferrum_jax.models.gguf_file import find_gguf, open_gguf
 from ferrum_jax.models.gguf_weights import GGUFCheckpoint
 from ferrum_jax.models.param_tree import abstract_model, flatten_state, param_shardings, unflatten_into
 from ferrum_jax.models.safetensors_reader import SafetensorsDir
+from ferrum_jax.models.vocab_padding import pad_to, unpadded_shape
 from ferrum_jax.models.weights import load_hf_params
 
 
@@ -82,10 +83,10 @@ def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True) -> Lo
 
 def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, model_id: str) -> Loaded:
     cfg = ModelConfig.from_hf_dict(hf_config)
-    graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype))
+    graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype), mesh.shape["model"])
     flat = load_hf_params(
         ckpt, flatten_state(abstract), param_shardings(cfg, mesh, abstract),
-        tied_embeddings=cfg.tie_word_embeddings, progress=progress,
+        tied_embeddings=cfg.tie_word_embeddings, progress=progress, vocab_size=cfg.vocab_size,
     )  # fmt: skip
     return Loaded(cfg, hf_config, graphdef, unflatten_into(abstract, flat), model_id)
 
@@ -93,10 +94,17 @@ def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, m
 def _restore(path: Path, hf_config: dict, dtype: str, mesh: Mesh) -> Loaded:
     cfg = ModelConfig.from_hf_dict(hf_config)
     stored = jnp.dtype(checkpoint_dtype(path))
-    graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype))
+    graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype), mesh.shape["model"])
     shardings = param_shardings(cfg, mesh, abstract)
-    target = {k: jax.ShapeDtypeStruct(v.shape, stored, sharding=shardings[k]) for k, v in flatten_state(abstract).items()}
-    flat = restore_checkpoint(path, target)
+    padded = {k: tuple(v.shape) for k, v in flatten_state(abstract).items()}
+    # The checkpoint holds the real vocabulary, which a tensor-parallel degree that does not
+    # divide it cannot split: such tensors restore whole on every device, then pad and split.
+    replicated = NamedSharding(mesh, PartitionSpec())
+    target = {}
+    for k, shape in padded.items():
+        real = unpadded_shape(k, shape, cfg.vocab_size)
+        target[k] = jax.ShapeDtypeStruct(real, stored, sharding=shardings[k] if real == shape else replicated)
+    flat = {k: pad_to(v, padded[k], shardings[k]) for k, v in restore_checkpoint(path, target).items()}
     want = jnp.dtype(dtype)
     if want != stored:
         # One leaf at a time, so at most one extra tensor is alive during the cast.

@@ -58,12 +58,15 @@ def window_runs(windows: tuple[int | None, ...]) -> list[tuple[int, int, int | N
 
 
 class CausalLM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, vocab_rows: int | None = None):
+        """vocab_rows: the embedding's and lm_head's vocabulary axis, the vocabulary padded for
+        tensor parallelism (see vocab_padding); None: the vocabulary itself."""
         self.cfg = cfg
+        vocab_rows = vocab_rows or cfg.vocab_size
         # A tuple, not an array: NNX keeps it in the (hashable) graphdef as static data.
         self.inv_freq = tuple(float(f) for f in inverse_frequencies(cfg.rope, cfg.head_dim))
         self.embed = nnx.Param(
-            (jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32) * 0.02).astype(dtype)
+            (jax.random.normal(rngs.params(), (vocab_rows, cfg.hidden_size), jnp.float32) * 0.02).astype(dtype)
         )
 
         @nnx.split_rngs(splits=cfg.num_layers)
@@ -74,7 +77,7 @@ class CausalLM(nnx.Module):
         self.layers = stacked_layers(rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.lm_head = (
-            None if cfg.tie_word_embeddings else weight_param(rngs, (cfg.hidden_size, cfg.vocab_size), cfg.hidden_size, dtype)
+            None if cfg.tie_word_embeddings else weight_param(rngs, (cfg.hidden_size, vocab_rows), cfg.hidden_size, dtype)
         )
 
     def __call__(
@@ -115,5 +118,7 @@ class CausalLM(nnx.Module):
             logits_lv = jnp.einsum("ld,vd->lv", h_ld, self.embed[...], preferred_element_type=jnp.float32)
         else:
             logits_lv = jnp.einsum("ld,dv->lv", h_ld, self.lm_head[...], preferred_element_type=jnp.float32)
+        # Padding columns of a vocabulary padded for tensor parallelism are never a token.
+        logits_lv = logits_lv[:, : self.cfg.vocab_size]
         chex.assert_shape(logits_lv, (logits_indices_l.shape[0], self.cfg.vocab_size))
         return logits_lv.astype(jnp.float32), k_pages, v_pages

@@ -14,11 +14,14 @@ from jax.sharding import Mesh, NamedSharding
 from ferrum_jax.models.causal_lm import CausalLM
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.sharding import named, param_specs
+from ferrum_jax.models.vocab_padding import pad_zeros, padded_vocab
 
 
-def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
-    """graphdef and an abstract state (ShapeDtypeStructs): no parameter memory is touched."""
-    model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: ModelConfig, dtype, tp: int = 1) -> tuple[nnx.GraphDef, nnx.State]:
+    """graphdef and an abstract state (ShapeDtypeStructs) for tensor parallelism `tp` (which
+    pads the vocabulary, see vocab_padding): no parameter memory is touched."""
+    rows = padded_vocab(cfg.vocab_size, tp)
+    model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0), vocab_rows=rows))
     return nnx.split(model)
 
 
@@ -29,11 +32,17 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, abstract_state: nnx.State) -> 
 
 
 def random_model(cfg: ModelConfig, dtype, seed: int, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
-    """Seeded random weights, each parameter created directly in its sharded layout."""
-    graphdef, abstract = abstract_model(cfg, dtype)
+    """Seeded random weights, each parameter created directly in its sharded layout. The values
+    do not depend on the mesh: a padded vocabulary's rows are zeros after the seeded ones."""
+    graphdef, abstract = abstract_model(cfg, dtype, mesh.shape["model"])
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
-    state = jax.jit(lambda: nnx.split(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))[1], out_shardings=shardings)()
-    return graphdef, state
+    padded = {k: v.shape for k, v in flatten_state(abstract).items()}
+
+    def make():
+        flat = flatten_state(nnx.split(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))[1])
+        return unflatten_into(abstract, {k: pad_zeros(v, padded[k]) for k, v in flat.items()})
+
+    return graphdef, jax.jit(make, out_shardings=shardings)()
 
 
 def flatten_state(state: nnx.State) -> dict[str, jax.Array]:

@@ -2,7 +2,8 @@
 
 Column-parallel q/k/v/gate/up (their output axis on "model"), row-parallel o/down (their
 input axis on "model", so XLA adds one all-reduce after attention and one after the MLP),
-embedding and lm_head split over the vocabulary, KV pages split over KV heads. Norms are
+embedding and lm_head split over the vocabulary (padded to a multiple of the TP size when it
+does not divide, see vocab_padding), KV pages split over KV heads. Norms are
 replicated on purpose: they are tiny and every shard needs them whole.
 
 When tensor_parallel_size exceeds the KV-head count (and is a multiple of it), k/v weights are
@@ -51,7 +52,6 @@ def check_divisible(cfg: ModelConfig, tp: int) -> None:
     for name, value in [
         ("num_attention_heads", cfg.num_heads),
         ("intermediate_size", cfg.intermediate_size),
-        ("vocab_size", cfg.vocab_size),
     ]:
         if value % tp:
             raise FerrumError.invalid_config(f"{name}={value} is not divisible by tensor_parallel_size={tp}")

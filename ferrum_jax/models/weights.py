@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.models.vocab_padding import unpadded_shape
 
 # HF layouts are torch Linear [out, in]; ours are [in, ...heads, head_dim] / [heads, head_dim, out].
 # Each transform: (HF shape expected for our shape, converter HF array -> our array).
@@ -75,16 +76,23 @@ def _layer_shape(path: str, shape: tuple) -> tuple:
     return shape[1:] if path.startswith("layers.") else shape
 
 
+def _checkpoint_shape(target: str, shape, vocab_size: int | None) -> tuple:
+    return tuple(shape) if vocab_size is None else unpadded_shape(target, tuple(shape), vocab_size)
+
+
 def load_hf_params(
     ckpt,
     expected: dict[str, jax.ShapeDtypeStruct],
     shardings: dict[str, jax.sharding.Sharding] | None = None,
     tied_embeddings: bool = False,
     progress: bool = True,
+    vocab_size: int | None = None,
 ) -> dict[str, jax.Array]:
     """Reads a checkpoint into `{param path: device array}` matching `expected` exactly.
 
     expected: our flat parameter paths -> abstract shape/dtype (from the model's eval_shape).
+    vocab_size: the real vocabulary when `expected` pads it for tensor parallelism; the
+    checkpoint holds that many rows and the padding is zeros (see vocab_padding).
     """
     plan: dict[str, dict[int | None, tuple[str, _Transform]]] = {}
     unexpected, misshaped, misshaped_targets = [], [], set()
@@ -96,7 +104,7 @@ def load_hf_params(
             unexpected.append(name)
             continue
         target, layer, transform = found
-        shape = tuple(expected[target].shape)
+        shape = _checkpoint_shape(target, expected[target].shape, vocab_size)
         if layer is not None and layer >= shape[0]:
             unexpected.append(name)
             continue
@@ -128,9 +136,11 @@ def load_hf_params(
     with tqdm(total=sum(map(len, plan.values())), desc="loading weights", unit="tensor", disable=not progress) as bar:
         for target in sorted(plan):
             spec = expected[target]
-            host = np.empty(spec.shape, spec.dtype)
+            stored = _checkpoint_shape(target, spec.shape, vocab_size)
+            host = (np.empty if stored == tuple(spec.shape) else np.zeros)(spec.shape, spec.dtype)
+            region = host[tuple(slice(0, n) for n in stored)]
             for layer, (name, transform) in plan[target].items():
-                dst = host if layer is None else host[layer]
+                dst = region if layer is None else region[layer]
                 dst[...] = transform[1](ckpt.read(name), dst.shape)
                 bar.update()
             sharding = shardings.get(target) if shardings else None
