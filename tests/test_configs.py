@@ -24,15 +24,9 @@ from ferrum_jax.serve.loading import ModelSource, model_presets
 from ferrum_jax.serve.settings import parse_settings
 
 GiB = 2**30
-_LLAMA3 = dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
-LLAMA3_8B = ModelConfig.from_hf_dict(
-    {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-     "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}
-)  # fmt: skip
-LLAMA3_70B = ModelConfig.from_hf_dict(
-    {**_LLAMA3, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-     "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}
-)  # fmt: skip
+# The published architectures, as config.json files the aot tool compiles from too.
+LLAMA3_8B = ModelConfig.from_hf_dir(CONFIG_DIR / "models" / "llama-3-8b")
+LLAMA3_70B = ModelConfig.from_hf_dir(CONFIG_DIR / "models" / "llama-3-70b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +39,13 @@ class Target:
 
 
 # The figures of the configs' comments: H100 80 GB = 79.6 GiB usable, of which JAX takes its
-# default 75%; a v5p chip has 95 GiB.
+# default 75%; a v5p chip has 95 GiB; of a v6e chip's 32 GiB ferrum_jax.aot counts 95%. The
+# reserves cover the largest program's temporaries and outputs (`python -m ferrum_jax.aot`).
 TARGETS = {
     "llama3_8b_gpu": Target(LLAMA3_8B, 0.75 * 79.6 * GiB, 4 * GiB),
     "llama3_70b_tpu_v5p8": Target(LLAMA3_70B, 95 * GiB, 5 * GiB),
+    "llama3_8b_tpu_v6e1": Target(LLAMA3_8B, 0.95 * 32 * GiB, 0.5 * GiB),
+    "llama3_70b_tpu_v6e8": Target(LLAMA3_70B, 0.95 * 32 * GiB, 0.5 * GiB),
 }
 V5E_CHIP_BYTES = 16 * GiB
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from ferrum_jax.aot.hlo_checks import kv_pool_copies
 from ferrum_jax.aot.programs import CompiledProgram, Limits, compile_all, count_programs, default_num_pages, dump_hlo, kv_page_shape, target_mesh
 from ferrum_jax.aot.targets import GiB, TARGETS, Target, get_target
+from ferrum_jax.executor.compile_cache import enable_persistent_cache
 from ferrum_jax.executor.platform_defaults import default_dtype, default_max_num_batched_tokens
 from ferrum_jax.executor.program_plan import PROGRAM_FAMILIES, target_programs
 from ferrum_jax.interfaces.errors import FerrumError
@@ -124,10 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", required=True, choices=sorted(TARGETS))
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--dump-hlo", type=Path, help="write each compiled program's HLO text into this directory")
+    p.add_argument("--cache-dir", type=Path,
+                   help="write every compiled program into this JAX persistent compilation cache; a server on the "
+                        "target started with FERRUM_JAX_CACHE_DIR pointing at a copy of it looks its programs up "
+                        "there (written here; a hit on the real chip is not verified without one)")
     p.add_argument("--programs", nargs="+", choices=PROGRAM_FAMILIES,
                    help="program families to compile (default: what the server's warmup compiles)")
     args, serve_argv = p.parse_known_args(argv)
     s = parse_settings(serve_argv)
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(args.cache_dir))
+        enable_persistent_cache()
     target = get_target(args.target)
     cfg = model_config(s)
     limits = resolve_limits(s, target)
