@@ -100,7 +100,8 @@ def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[Comp
         "programs": [
             {"kind": p.kind, "bucket": p.bucket, "compile_s": round(p.seconds, 2), "argument_bytes": p.argument_bytes,
              "output_bytes": p.output_bytes, "alias_bytes": p.alias_bytes, "temp_bytes": p.temp_bytes,
-             "peak_bytes": p.peak_bytes, "kv_pool_copies": len(copies[f"{p.kind}_{p.bucket}"])}
+             "peak_bytes": p.peak_bytes, "cost_model_bytes_body_once": p.cost_bytes, "cost_model_flops_body_once": p.cost_flops,
+             "kv_pool_copies": len(copies[f"{p.kind}_{p.bucket}"])}
             for p in programs
         ],  # fmt: skip
         "compile_s": round(sum(p.seconds for p in programs), 1),

@@ -60,6 +60,10 @@ class CompiledProgram:
     output_bytes: int
     alias_bytes: int
     temp_bytes: int
+    # XLA's cost model, which counts the scanned layer loop's body ONCE: multiply that share by
+    # the layer count for the step's traffic.
+    cost_bytes: float
+    cost_flops: float
     hlo: str = dataclasses.field(repr=False)
 
     @property
@@ -131,10 +135,13 @@ def compile_all(
         compiled = fn.lower(*jax.tree.map(abstract, args)).compile()
         seconds = time.perf_counter() - t0
         mem = compiled.memory_analysis()
+        cost = compiled.cost_analysis() or {}
+        cost = cost[0] if isinstance(cost, list) else cost
         name = f"t{bucket.tokens}_s{bucket.seqs}_l{bucket.logit_rows}" if kind == "step" else f"r{bucket}"
         out.append(CompiledProgram(
-            kind, name, seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes,
-            mem.alias_size_in_bytes, mem.temp_size_in_bytes, compiled.as_text(),
+            kind, name, seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+            mem.temp_size_in_bytes, float(cost.get("bytes accessed", 0.0)), float(cost.get("flops", 0.0)),
+            compiled.as_text(),
         ))  # fmt: skip
         progress(out[-1])
         return compiled
