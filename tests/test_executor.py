@@ -288,6 +288,7 @@ def test_warmup_compiles_every_bucket_once_and_then_nothing(no_persistent_cache)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     w = fj.JaxModelExecutor.from_preset("tiny", dtype="float32", **{**LIMITS, "max_batch_size": 2, "max_num_batched_tokens": 32})
+    assert w._kv is not None  # the pool's zeros, allocated in the background, are not a step program
     n_before = len(compiles)
     run(w.warmup())
     # T buckets 16,32 x S buckets 1,2 x {per-seq rows, all rows}, plus the decode buckets
@@ -431,6 +432,7 @@ def test_second_process_loads_every_step_program_from_the_store(tmp_path):
         "from ferrum_jax.executor.program_store import STORE_HIT_EVENT\n"
         "ex = fj.JaxModelExecutor.from_preset('tiny', dtype='float32', max_batch_size=2, max_sequence_length=64,"
         " page_size=8, max_num_batched_tokens=16)\n"
+        "ex._kv\n"  # wait for the KV pool, zeroed in the background
         "seen.clear()\n"  # building the random weights and the KV pool compiles too; not counted
         "asyncio.run(ex.warmup())\n"
         "print(sum(ex.num_step_programs()), seen.count(STORE_HIT_EVENT),"

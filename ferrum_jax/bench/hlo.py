@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     chunk = SequenceChunk(token_ids=np.array([7], np.int32), positions=np.array([40], np.int32), kv_offset=40,
                           page_ids=pages, logits="last")  # fmt: skip
     batch, shape, _ = build_ragged_batch([chunk], ex.buckets, ex.page_size)
-    compiled = ex._step.lower(ex._state, ex._kv, batch).compile()
+    compiled = ex._step.lower(ex._state, ex._kv, batch, ex._no_feed).compile()
     with open(args.out, "w") as f:
         f.write(compiled.as_text())
     cost = compiled.cost_analysis()

@@ -12,6 +12,7 @@ Every method validates its whole input before touching any state, so a bad reque
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ from ferrum_jax.interfaces import (
 from ferrum_jax.kv.allocator import PageAllocator
 from jax.sharding import Mesh, NamedSharding
 
-from ferrum_jax.kv.pages import allocate_kv_pages, kv_bytes_per_token
+from ferrum_jax.kv.pages import KvPages, abstract_kv_pages, allocate_kv_pages, kv_bytes_per_token
 from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.models.sharding import kv_rows, kv_spec, make_mesh
 from ferrum_jax.models.config import ModelConfig
@@ -71,6 +72,8 @@ from ferrum_jax.step.ragged_step import feed_sharding, make_ragged_step, make_sa
 from ferrum_jax.step.sampling import SamplingRow, build_sampling_batch, sampling_probs
 
 _LATENCY_WINDOW = 1024
+# One background thread for KV pool allocations (see __init__).
+_ALLOCATOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferrum-kv-alloc")
 
 
 @dataclasses.dataclass
@@ -127,8 +130,13 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._state = state
         self.tensor_parallel_size = self.mesh.shape["model"]
         tp = self.tensor_parallel_size
-        kv_sharding = NamedSharding(self.mesh, kv_spec(tp))
-        self._kv = allocate_kv_pages(cfg, num_pages, page_size, jnp.dtype(dtype), kv_rows(cfg, tp), kv_sharding)
+        kv_args = (cfg, num_pages, page_size, jnp.dtype(dtype), kv_rows(cfg, tp), NamedSharding(self.mesh, kv_spec(tp)))
+        self._abstract_kv = abstract_kv_pages(*kv_args)
+        # Zeroing the pool is first-touch page faults (~6 s for the default model's 3 GiB on
+        # this CPU): it runs in a thread while loading finishes and warmup compiles against
+        # `_abstract_kv`; the first step waits for it (`_kv`).
+        self._kv_allocation = _ALLOCATOR.submit(allocate_kv_pages, *kv_args)
+        self._kv_pages: KvPages | None = None
         backend = AttentionBackend(self.attention_impl, self.mesh)
         self._step = make_ragged_step(graphdef, backend)
         feed_rows = self.buckets.max_num_seqs
@@ -549,7 +557,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         `ferrum_jax.executor.program_plan`), so nothing that uses only those families ever
         compiles again."""
         self._check_live()
-        inputs = ProgramInputs(self._state, self._kv, self._no_feed, self.cfg.vocab_size, self.max_sequence_length)
+        inputs = ProgramInputs(self._state, self._abstract_kv, self._no_feed, self.cfg.vocab_size, self.max_sequence_length)
         fns = StepFunctions(self._step, self._sampler, self._distribution)
         with tqdm(total=sum(self.num_step_programs(programs)), desc="compiling steps", unit="program") as bar:
             compile_programs(self._program, fns, inputs, self.buckets, programs, bar.update)
@@ -562,6 +570,20 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._seqs.release_all()
         self._kv = None
         self._state_name = ExecutorState.SHUTDOWN
+
+    @property
+    def _kv(self) -> KvPages | None:
+        """The KV pages, once the allocation started at construction has finished."""
+        if self._kv_allocation is not None:
+            self._kv_pages, self._kv_allocation = self._kv_allocation.result(), None
+        return self._kv_pages
+
+    @_kv.setter
+    def _kv(self, pages: KvPages | None) -> None:
+        if self._kv_allocation is not None:
+            self._kv_allocation.result()
+            self._kv_allocation = None
+        self._kv_pages = pages
 
     # ------------------------------------------------------------------ page accounting
 

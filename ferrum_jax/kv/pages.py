@@ -54,10 +54,18 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
     return 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize
 
 
+def abstract_kv_pages(
+    cfg: ModelConfig, num_pages: int, page_size: int, dtype, kv_rows: int, sharding=None
+) -> KvPages:
+    """The pages as ShapeDtypeStructs: what programs compile against."""
+    page = jax.ShapeDtypeStruct((kv_rows, cfg.num_layers * num_pages, page_size, cfg.head_dim), dtype, sharding=sharding)
+    return KvPages(k=page, v=page, num_layers=cfg.num_layers)
+
+
 def allocate_kv_pages(
     cfg: ModelConfig, num_pages: int, page_size: int, dtype, kv_rows: int, sharding=None
 ) -> KvPages:
     """Zeroed pages; `kv_rows` is the leading axis (see the module docstring)."""
-    shape = (kv_rows, cfg.num_layers * num_pages, page_size, cfg.head_dim)
-    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    page = abstract_kv_pages(cfg, num_pages, page_size, dtype, kv_rows, sharding).k
+    make = jax.jit(lambda: jnp.zeros(page.shape, page.dtype), out_shardings=sharding)
     return KvPages(k=make(), v=make(), num_layers=cfg.num_layers)
