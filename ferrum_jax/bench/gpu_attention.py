@@ -7,7 +7,7 @@ and on CPU, to prove the script executes (tiny shapes, Pallas interpreter, one r
 
 Method:
 1. Correctness. Ragged batches (decode-only, prefill-only, mixed; bf16 and f32) are built the way
-   tests/kernels/ragged_batches.py builds them: pages from a shuffled pool so page tables are not
+   tests/attention_kernels/ragged_batches.py builds them: pages from a shuffled pool so page tables are not
    contiguous, garbage in-range page ids past each sequence's length and in padding rows.
    `ragged_paged_attention(..., backend="gpu")` is compared on the device with
    `ragged_paged_attention_reference` under jax.jit; the error is max|kernel - ref| / max|ref|,
@@ -77,7 +77,7 @@ SMOKE = dict(num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=4,
 
 
 def make_batch(seed, lens, *, num_tokens, num_seqs_max, pages_per_seq, cfg, dtype):
-  """A ragged batch from (q_len, kv_len) pairs, laid out as in tests/kernels/ragged_batches.py.
+  """A ragged batch from (q_len, kv_len) pairs, laid out as in tests/attention_kernels/ragged_batches.py.
 
   q has num_tokens rows; those past the live tokens are padding, whose output the contract pins
   to zero. Returns (args tuple, live
