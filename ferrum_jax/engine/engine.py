@@ -93,8 +93,11 @@ class Engine:
     def is_alive(self) -> bool:
         return self._task is not None and not self._task.done() and self._dead is None
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
-        """Queues a request; raises at once if it is refused (full queue, can never fit)."""
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> RequestStream:
+        """Queues a request; raises at once if it is refused (full queue, can never fit).
+        cache_salt: the request reuses cached KV only of requests with the same salt."""
         if not self.is_alive:
             raise FerrumError.backend("the engine loop is not running")
         if not self._accepting:
@@ -108,7 +111,9 @@ class Engine:
                 f"{len(self.scheduler.waiting)} requests are waiting, the limit is max_waiting={self.config.max_waiting}"
             )
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
-        req = Request(request_id=request_id, prompt_ids=prompt, params=params, seed=seed & 0xFFFFFFFF)
+        req = Request(
+            request_id=request_id, prompt_ids=prompt, params=params, seed=seed & 0xFFFFFFFF, cache_salt=cache_salt
+        )
         self._requests[request_id] = req
         self.scheduler.waiting.append(req)
         self.prompt_tokens += len(prompt)
@@ -122,6 +127,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         ex = self.executor
+        queried, hits = ex.prefix_cache_tokens
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -132,6 +138,9 @@ class Engine:
             spec_draft_tokens=self.spec_counts["draft"],
             spec_accepted_tokens=self.spec_counts["accepted"],
             spec_verify_steps=self.spec_counts["steps"],
+            prefix_cache_queries=queried,
+            prefix_cache_hits=hits,
+            prefix_cache_pages=ex.num_cached_pages,
         )
 
     async def drain(self, timeout_s: float) -> None:
@@ -354,6 +363,7 @@ class Engine:
                 new_logprobs=logprobs,
                 num_prompt_tokens=len(req.prompt_ids),
                 num_output_tokens=len(req.output_ids),
+                num_cached_tokens=req.num_cached_tokens or 0,
                 finished=reason is not None,
                 finish_reason=reason,
                 stop_token_id=stop_token,
@@ -380,6 +390,7 @@ class Engine:
                 new_logprobs=None,
                 num_prompt_tokens=len(req.prompt_ids),
                 num_output_tokens=len(req.output_ids),
+                num_cached_tokens=req.num_cached_tokens or 0,
                 finished=True,
                 finish_reason=reason,
                 error=error,

@@ -38,6 +38,10 @@ class Request:
     # num_tokens, so the next step can already compute them, fed their ids on device.
     pending: int = 0
     aborted: bool = False
+    # Prefix-cache key extra (vLLM's cache_salt): requests share cached KV only with equal salts.
+    cache_salt: str | None = None
+    # Prompt tokens found in the prefix cache when first scheduled (usage's cached_tokens).
+    num_cached_tokens: int | None = None
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
 
     @property

@@ -3,7 +3,8 @@
 Every iteration: running requests first, oldest first — a decoding request takes one
 token, a request still in prefill takes the next chunk that fits the token budget — then
 waiting requests are admitted FIFO while the budget, the sequence cap and the free pages
-allow. When a running request needs a page and none is free, the newest running request
+allow. A request admitted starts from the longest run of cached KV pages its tokens begin
+with (automatic prefix caching, `kv/prefix_cache.py`) and computes only the rest. When a running request needs a page and none is free, the newest running request
 is preempted: its pages are freed and it goes back to the front of the queue, keeping
 what it generated, to be recomputed later.
 """
@@ -69,12 +70,17 @@ class Scheduler:
             work.append((req, n))
         while self.waiting and not preempted and budget > 0 and len(work) < self.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_uncomputed, budget)
-            need = self.executor.pages_needed(None, n)
+            prefix = self.executor.match_prefix(req.all_ids, req.cache_salt)
+            n = min(req.num_uncomputed - prefix.num_tokens, budget)
+            # Cached pages nobody holds are counted free: holding them takes them off.
+            need = self.executor.pages_needed(None, prefix.num_tokens + n) - len(prefix.pages) + prefix.num_evictable
             if need > free:
                 break
             self.waiting.popleft()
-            req.handle = self.executor.new_kv_cache(f"req-{req.request_id}")
+            req.handle = self.executor.new_kv_cache(f"req-{req.request_id}", prefix)
+            req.num_computed = prefix.num_tokens
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = prefix.num_tokens
             req.state = RequestState.RUNNING
             self.running.append(req)
             free -= need

@@ -78,6 +78,7 @@ class RequestOutput:
     new_logprobs: tuple[TokenLogprob, ...] | None
     num_prompt_tokens: int
     num_output_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     finished: bool = False
     finish_reason: str | None = None
     stop_token_id: int | None = None
@@ -116,6 +117,9 @@ class EngineStats:
     spec_draft_tokens: int = 0  # drafts proposed and verified
     spec_accepted_tokens: int = 0
     spec_verify_steps: int = 0  # (request, step) pairs that verified drafts
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, and found (vLLM's counters)
+    prefix_cache_hits: int = 0
+    prefix_cache_pages: int = 0  # pages holding a cached prefix
 
     @property
     def mean_acceptance_length(self) -> float:

@@ -36,7 +36,7 @@ from ferrum_jax.executor.program_plan import (
     num_programs,
 )
 from ferrum_jax.executor.program_store import ProgramStore
-from ferrum_jax.executor.sequence_table import PagedKvCacheHandle, Sequence, SequenceTable
+from ferrum_jax.executor.sequence_table import UNKNOWN, PagedKvCacheHandle, Sequence, SequenceTable
 from ferrum_jax.interfaces import (
     AttentionType,
     BatchModelExecutor,
@@ -63,7 +63,8 @@ from ferrum_jax.interfaces import (
 from ferrum_jax.kv.allocator import PageAllocator
 from jax.sharding import Mesh, NamedSharding
 
-from ferrum_jax.kv.pages import KvPages, abstract_kv_pages, allocate_kv_pages, kv_bytes_per_token
+from ferrum_jax.kv.pages import KvPages, abstract_kv_pages, allocate_kv_pages, copy_page, kv_bytes_per_token
+from ferrum_jax.kv.prefix_cache import PrefixMatch
 from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.models.sharding import kv_rows, kv_spec, make_mesh
 from ferrum_jax.models.config import ModelConfig
@@ -103,9 +104,11 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         max_num_batched_tokens: int | None = None,
         hf_config: dict | None = None,
         mesh: Mesh | None = None,
+        enable_prefix_caching: bool = True,
     ):
         """`state` must already be placed as `param_shardings(cfg, mesh)` says; the
-        classmethods below do that. mesh None: one device."""
+        classmethods below do that. mesh None: one device. enable_prefix_caching: full KV
+        pages are named by their prefix and `match_prefix` finds them for a new sequence."""
         if page_size < 1:
             raise FerrumError.invalid_config(f"page_size={page_size}: must be >= 1")
         if max_sequence_length < 1:
@@ -156,7 +159,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             [repr(cfg), str(dtype), self.attention_impl, repr(self.mesh), repr([d.id for d in self.mesh.devices.flat]),
              f"feed_rows={feed_rows}"]
         )
-        self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length)
+        self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length, enable_prefix_caching)
         self._info = ModelInfo(
             model_id=model_id,
             model_type=cfg.architecture,
@@ -195,6 +198,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         tensor_parallel_size: int = 1,
         max_num_batched_tokens: int | None = None,
         progress: bool = True,
+        enable_prefix_caching: bool = True,
     ) -> "JaxModelExecutor":
         """Loads a HF directory (config.json + safetensors), a ferrum orbax checkpoint, or a GGUF
         file (or a directory holding one). `dtype` casts whatever the source holds; None is
@@ -218,6 +222,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             max_num_batched_tokens=max_num_batched_tokens,
             hf_config=loaded.hf_config,
             mesh=mesh,
+            enable_prefix_caching=enable_prefix_caching,
         )
 
     @classmethod
@@ -260,10 +265,18 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
     def info(self) -> ModelInfo:
         return self._info
 
-    def new_kv_cache(self, cache_id: str | None = None) -> PagedKvCacheHandle:
-        """An empty sequence, e.g. for the first chunk of a unified-batch prefill."""
+    def new_kv_cache(self, cache_id: str | None = None, prefix: PrefixMatch | None = None) -> PagedKvCacheHandle:
+        """An empty sequence, e.g. for the first chunk of a unified-batch prefill; with `prefix`
+        (from `match_prefix`, nothing changed since) it already holds the prefix's cached KV
+        and its `num_tokens` says how many tokens are left to compute."""
         self._check_live()
-        return self._seqs.handle(self._seqs.create(cache_id))
+        return self._seqs.handle(self._seqs.create(cache_id, prefix))
+
+    def match_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> PrefixMatch:
+        """The cached KV pages `token_ids` starts with (none with prefix caching off); at least
+        the last token is always left to compute. Changes nothing: pass the match to
+        `new_kv_cache` to use it."""
+        return self._seqs.cache.match(token_ids, cache_salt)
 
     async def prefill(self, input: PrefillInput) -> PrefillOutput:
         return (await self.batch_prefill([input]))[0]
@@ -351,13 +364,15 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         sampling = build_sampling_batch(rows, shape.logit_rows, self.max_sequence_length)
         logits = self._run_step(batch, shape, step_feed)
         sampled, ids = self._run_program("sampler", shape.logit_rows, self._sampler, logits, sampling)
-        for w in work:
-            w.seq.num_tokens += len(w.token_ids)
+        fed = {item for item, _ in feed[1]} if feed is not None else set()
+        for i, w in enumerate(work):
+            self._seqs.append(w.seq, [UNKNOWN] if i in fed else w.token_ids)
         row_of_item = tuple(np.cumsum([item.is_final_chunk for item in items]) - 1)
         return LaunchedStep(
             sampled=sampled,
             ids=ids,
             row_of_item=tuple(int(r) if item.is_final_chunk else None for r, item in zip(row_of_item, items)),
+            next_of_item=tuple((w.seq, w.seq.num_tokens) for w in work),
             kind="decode" if all(len(w.token_ids) == 1 for w in work) else "prefill",
             num_tokens=sum(len(w.token_ids) for w in work),
             started=t0,
@@ -366,6 +381,9 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
     def collect(self, launched: LaunchedStep) -> list[SampledToken | None]:
         """The tokens of a launched step (see LaunchedStep.tokens); waits for the device."""
         tokens = launched.tokens()
+        for (seq, position), tok in zip(launched.next_of_item, tokens):
+            if tok is not None:
+                self._seqs.resolve(seq, position, tok.token_id)
         self._record(launched.kind, time.perf_counter() - launched.started, launched.num_tokens, len(tokens))
         return tokens
 
@@ -475,7 +493,10 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
     def truncate(self, kv_cache: KvCacheHandle, new_len: int) -> None:
         """`truncate_kv` without the coroutine, for the engine's worker-thread paths."""
         self._check_live()
-        self._seqs.truncate(self._seqs.lookup(kv_cache), int(new_len))
+        copy = self._seqs.truncate(self._seqs.lookup(kv_cache), int(new_len))
+        if copy is not None:
+            src, dst = copy
+            self._kv = copy_page(self._kv, np.int32(src), np.int32(dst))
 
     def release_cache(self, cache_id: str) -> None:
         self._seqs.release(cache_id)
@@ -600,6 +621,20 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         return self._seqs.allocator.total
 
     @property
+    def prefix_caching(self) -> bool:
+        return self._seqs.cache.enabled
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Pages holding a named prefix (in use or free but reusable)."""
+        return self._seqs.cache.num_pages
+
+    @property
+    def prefix_cache_tokens(self) -> tuple[int, int]:
+        """(tokens looked up, tokens found) by the prefix matches sequences started from."""
+        return self._seqs.cache.queried_tokens, self._seqs.cache.hit_tokens
+
+    @property
     def num_live_sequences(self) -> int:
         return len(self._seqs)
 
@@ -650,6 +685,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             raise FerrumError.invalid_request(f"position_ids shape {list(pos.shape)} does not match input_ids [1, {n}]")
         if np.any(pos < 0):
             raise FerrumError.invalid_request(f"position_ids must be >= 0, got {int(pos.min())}")
+        if not np.array_equal(pos[0], np.arange(seq.num_tokens, seq.num_tokens + n)):
+            seq.nameable = False
         return pos[0].astype(np.int32)
 
     def _distinct(self, handles: Iterable[KvCacheHandle]) -> list[Sequence]:
@@ -685,7 +722,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             host = np.asarray(logits)
             for owner, r, chunk in zip(owners, rows, step_chunks):
                 pieces[owner].append(host[r])
-                work[owner].seq.num_tokens += len(chunk.token_ids)
+                self._seqs.append(work[owner].seq, chunk.token_ids)
         elapsed = time.perf_counter() - t0
         self._record(kind, elapsed, sum(len(w.token_ids) for w in work), len(work))
         return [np.concatenate(p, axis=0) if p else np.zeros((0, self.cfg.vocab_size), np.float32) for p in pieces]

@@ -30,12 +30,15 @@ class SampledToken:
 class LaunchedStep:
     """sampled: the sampler's output `[rows]`, on device; ids: its token ids padded to the
     feed size, on device (a later step's `Feed.prev_ids`); row_of_item: the sampler row of each
-    item, None for items that are not final chunks; kind ("prefill"/"decode"), num_tokens and
-    started (perf_counter at launch) feed the executor's metrics."""
+    item, None for items that are not final chunks; next_of_item: per item its sequence and the
+    position its sampled token takes when appended (the host learns the id at `collect`);
+    kind ("prefill"/"decode"), num_tokens and started (perf_counter at launch) feed the
+    executor's metrics."""
 
     sampled: SampledTokens
     ids: jax.Array
     row_of_item: tuple[int | None, ...]
+    next_of_item: tuple[tuple[object, int], ...]
     kind: str
     num_tokens: int
     started: float

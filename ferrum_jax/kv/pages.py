@@ -69,3 +69,14 @@ def allocate_kv_pages(
     page = abstract_kv_pages(cfg, num_pages, page_size, dtype, kv_rows, sharding).k
     make = jax.jit(lambda: jnp.zeros(page.shape, page.dtype), out_shardings=sharding)
     return KvPages(k=make(), v=make(), num_layers=cfg.num_layers)
+
+
+@jax.jit(donate_argnums=0)
+def copy_page(kv: KvPages, src: jax.Array, dst: jax.Array) -> KvPages:
+    """Page `src`'s K/V copied into page `dst`, in every layer (copy on write of a shared page)."""
+    layers = jnp.arange(kv.num_layers, dtype=jnp.int32) * kv.num_pages
+    return KvPages(
+        k=kv.k.at[:, layers + dst].set(kv.k[:, layers + src]),
+        v=kv.v.at[:, layers + dst].set(kv.v[:, layers + src]),
+        num_layers=kv.num_layers,
+    )

@@ -55,14 +55,16 @@ class Generation:
         self.choices = choices
 
     @classmethod
-    def submit(cls, engine, metrics: ServerMetrics, request_id: str, specs: list[ChoiceSpec]) -> "Generation":
+    def submit(
+        cls, engine, metrics: ServerMetrics, request_id: str, specs: list[ChoiceSpec], cache_salt: str | None = None
+    ) -> "Generation":
         arrival = time.perf_counter()
         if not engine.is_alive:
             raise APIError(503, "the engine loop is not running", type="server_error")
         gen = cls(engine, metrics, [Choice(i, s.prompt_index, s.prompt_ids, s.output) for i, s in enumerate(specs)])
         try:
             for choice, spec in zip(gen.choices, specs):
-                choice.stream = engine.add_request(f"{request_id}-{choice.index}", spec.prompt_ids, spec.params)
+                choice.stream = engine.add_request(f"{request_id}-{choice.index}", spec.prompt_ids, spec.params, cache_salt)
                 choice.timer = RequestTimer(metrics, arrival)
         except FerrumError as e:
             gen._abort_all()
@@ -111,6 +113,11 @@ class Generation:
             if not choice.output.finished and choice.timer is not None:
                 choice.output.abandon()
                 choice.timer.done("abort")
+
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache, once per distinct prompt (as usage counts
+        prompt tokens)."""
+        return sum({c.prompt_index: c.output.num_cached_tokens for c in self.choices}.values())
 
     def _abort_all(self) -> None:
         for choice in self.choices:

@@ -100,6 +100,7 @@ def build_executor(s: ServeSettings):
             "num_pages": s.num_pages,
             "attention": s.attention,
             "tensor_parallel_size": s.tensor_parallel_size,
+            "enable_prefix_caching": s.enable_prefix_caching,
         }.items()
         if v is not None
     }

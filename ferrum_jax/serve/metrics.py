@@ -1,6 +1,7 @@
 """Prometheus metrics at `/metrics`, named like vLLM's with a `ferrum:` prefix.
 
-Engine-side numbers (running/waiting requests, KV usage, preemptions, token totals) are
+Engine-side numbers (running/waiting requests, KV usage, preemptions, token totals, the
+prefix cache's token counters and page count) are
 read from `engine.stats()` at scrape time by a custom collector, so they are exact and
 cost nothing between scrapes. With speculative decoding on, the collector adds vLLM's
 `spec_decode_*` counters (drafts verified, draft tokens, accepted tokens) and the mean
@@ -42,6 +43,15 @@ class _EngineCollector:
         yield self._family(CounterMetricFamily, "ferrum:num_preemptions", "Requests preempted for lack of KV pages.", s.num_preemptions)
         yield self._family(CounterMetricFamily, "ferrum:prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens)
         yield self._family(CounterMetricFamily, "ferrum:generation_tokens", "Tokens generated.", s.generation_tokens)
+        yield self._family(
+            CounterMetricFamily, "ferrum:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries
+        )
+        yield self._family(
+            CounterMetricFamily, "ferrum:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits
+        )
+        yield self._family(
+            GaugeMetricFamily, "ferrum:prefix_cache_pages", "KV pages holding a cached prefix (in use or reusable).", s.prefix_cache_pages
+        )
         if self._engine.drafter is None:
             return
         yield self._family(CounterMetricFamily, "ferrum:spec_decode_num_drafts", "Verify steps of a request with drafts.", s.spec_verify_steps)

@@ -63,6 +63,7 @@ class ChoiceOutput:
         self._sent = 0  # characters of self.text already handed out
         self.token_ids: list[int] = []
         self.num_prompt_tokens = len(prompt_ids)
+        self.num_cached_tokens = 0  # of the prompt, found in the prefix cache
         self.finished = False
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -77,6 +78,7 @@ class ChoiceOutput:
         delta = ChoiceDelta()
         if self.finished:
             return delta
+        self.num_cached_tokens = out.num_cached_tokens
         logprobs = out.new_logprobs or ()
         for i, token in enumerate(out.new_token_ids):
             start = len(self.text)

@@ -54,6 +54,8 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's: requests reuse cached prefix KV only from requests with the same salt.
+    cache_salt: str | None = Field(default=None, min_length=1)
 
 
 class CompletionRequest(SamplingFields):
@@ -114,10 +116,15 @@ class DetokenizeRequest(_Request):
 # ---------------------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

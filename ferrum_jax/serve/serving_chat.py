@@ -28,6 +28,7 @@ from ferrum_jax.serve.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
+    PromptTokensDetails,
     UsageInfo,
 )
 
@@ -71,7 +72,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         for j in range(body.n)
     ]
     request_id = new_request_id("chatcmpl")
-    gen = Generation.submit(ctx.engine, ctx.metrics, request_id, specs)
+    gen = Generation.submit(ctx.engine, ctx.metrics, request_id, specs, body.cache_salt)
     if body.stream:
         return GenerationResponse(_stream(ctx, body, gen, request_id, model, ids), gen)
     return await run_until_disconnect(raw, _whole(ctx, body, gen, request_id, model, ids), gen)
@@ -79,7 +80,12 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
 
 def _usage(gen: Generation, prompt_len: int) -> UsageInfo:
     completion = sum(c.output.num_output_tokens for c in gen.choices)
-    return UsageInfo(prompt_tokens=prompt_len, completion_tokens=completion, total_tokens=prompt_len + completion)
+    return UsageInfo(
+        prompt_tokens=prompt_len,
+        completion_tokens=completion,
+        total_tokens=prompt_len + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=gen.num_cached_tokens()),
+    )
 
 
 async def _whole(ctx: ServerContext, body: ChatCompletionRequest, gen: Generation, request_id: str, model: str, ids: list[int]):

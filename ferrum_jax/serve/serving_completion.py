@@ -16,7 +16,7 @@ from ferrum_jax.serve.context import ServerContext, check_common, choice_seed, n
 from ferrum_jax.serve.errors import APIError, sse_error
 from ferrum_jax.serve.generation import ChoiceSpec, Generation, GenerationResponse, run_until_disconnect
 from ferrum_jax.serve.logprobs import completion_logprobs
-from ferrum_jax.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
+from ferrum_jax.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptTokensDetails, UsageInfo
 
 
 def _prompts(ctx: ServerContext, body: CompletionRequest) -> list[tuple[str, list[int]]]:
@@ -64,7 +64,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, raw: Re
             params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, seed=choice_seed(body.seed, j), renames={})
             specs.append(ChoiceSpec(i, ids, params, ctx.choice_output(body, ids)))
     request_id = new_request_id("cmpl")
-    gen = Generation.submit(ctx.engine, ctx.metrics, request_id, specs)
+    gen = Generation.submit(ctx.engine, ctx.metrics, request_id, specs, body.cache_salt)
     echo = [text if body.echo else "" for text, _ in prompts]
     if body.stream:
         return GenerationResponse(_stream(ctx, body, gen, request_id, model, echo), gen)
@@ -74,7 +74,12 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, raw: Re
 def _usage(gen: Generation) -> UsageInfo:
     prompt = sum(len(ids) for ids in {c.prompt_index: c.prompt_ids for c in gen.choices}.values())
     completion = sum(c.output.num_output_tokens for c in gen.choices)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return UsageInfo(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=gen.num_cached_tokens()),
+    )
 
 
 async def _whole(ctx: ServerContext, body: CompletionRequest, gen: Generation, request_id: str, model: str, echo: list[str]):

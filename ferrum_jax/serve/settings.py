@@ -60,6 +60,7 @@ class ServeSettings:
     num_pages: int | None = None
     attention: str = "auto"
     tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = True
     seed: int = 0
     shutdown_timeout: float = 30.0
     no_warmup: bool = False
@@ -172,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pages", type=_positive_int, help="KV pool size in pages (default: max-num-seqs full-length sequences)")
     p.add_argument("--attention", choices=["auto", "xla", "pallas"], help="attention implementation (default auto)")
     p.add_argument("--tensor-parallel-size", type=_positive_int, help="devices to shard the model over (default 1)")
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        help="reuse the KV of prompt prefixes already computed (default on)",
+    )
     p.add_argument("--seed", type=int, help="seeds the per-request seeds of requests that give none (default 0)")
     p.add_argument("--shutdown-timeout", type=_nonnegative_float, help="seconds SIGTERM waits for in-flight requests (default 30)")
     p.add_argument("--no-warmup", action="store_const", const=True, help="skip compiling every step program at start")
@@ -215,7 +221,7 @@ def _from_file(path: str, parser: argparse.ArgumentParser) -> dict:
         if action.nargs == "+":
             value = [value] if isinstance(value, str) else list(value)
         try:
-            if action.const is True:
+            if action.const is True or isinstance(action, argparse.BooleanOptionalAction):
                 if not isinstance(value, bool):
                     raise ValueError("expected true or false")
             elif value is not None:

@@ -38,6 +38,8 @@ def build_drafter(s: ServeSettings, target, wrap=lambda executor: executor):
             num_pages=target.num_total_pages + PageAllocator.RESERVED,
             attention=s.attention,
             tensor_parallel_size=target.tensor_parallel_size,
+            # The drafter feeds the draft model whole contexts and never looks prefixes up.
+            enable_prefix_caching=False,
         )
         draft = wrap(draft)
         drafter: Drafter = DraftModelDrafter(draft, target_vocab_size=target.cfg.vocab_size)
