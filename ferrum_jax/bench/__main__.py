@@ -8,6 +8,7 @@ SUBCOMMANDS = {
     "serve": "serve",
     "serve-vs-hf": "serve_vs_hf",
     "serve-vs-vllm": "serve_vs_vllm",
+    "prefix-cache": "prefix_cache",
     "spec": "spec",
     "tp": "tp",
     "startup": "startup",

@@ -10,9 +10,13 @@ Workload (vLLM's "random" dataset): each prompt is `input_len` token ids drawn u
 from the ids the server's own tokenizer gives a fixed English text (`/tokenize`, so no
 tokenizer is needed here and every id is an ordinary text token), sent as a token-id
 prompt to /v1/completions; lengths are drawn uniformly from
-`[len * (1 - range_ratio), len * (1 + range_ratio)]`. Requests are greedy, streamed with
+`[len * (1 - range_ratio), len * (1 + range_ratio)]`; `--random-prefix-len N` starts every
+prompt with the same N ids (a shared system prompt, as vLLM's option of that name). Requests are greedy, streamed with
 `stream_options.include_usage`, and ignore eos by default so each one generates exactly
 its output length. Works against vLLM too (same routes), for side-by-side runs.
+
+A probe request (the first prompt, 4 tokens) runs before the timed ones, as in vLLM's
+benchmark: with a shared prefix, the timed run starts with that prefix cached.
 
 Arrivals: a Poisson process of `--request-rate` requests/s (`inf`: all at once), at most
 `--max-concurrency` in flight. Definitions, as in vLLM:
@@ -72,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-input-len", type=int, default=128)
     p.add_argument("--random-output-len", type=int, default=64)
     p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in len*(1-r)..len*(1+r)")
+    p.add_argument("--random-prefix-len", type=int, default=0, help="ids every prompt starts with (a shared prefix)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True, help="generate exactly the output length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--percentiles", default="50,90,99", help="comma-separated percentiles to report")
@@ -79,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_prompts < 1 or args.random_input_len < 1 or args.random_output_len < 1:
         p.error("--num-prompts, --random-input-len and --random-output-len must be >= 1")
+    if args.random_prefix_len < 0:
+        p.error("--random-prefix-len must be >= 0")
     if not 0 <= args.random_range_ratio < 1:
         p.error("--random-range-ratio must be in [0, 1)")
     if args.max_concurrency is not None and args.max_concurrency < 1:
@@ -105,7 +112,8 @@ async def _workload(http: httpx.AsyncClient, args) -> tuple[str, list[tuple[list
     rng = np.random.default_rng(args.seed)
     inputs = _lengths(rng, args.random_input_len, args.random_range_ratio, args.num_prompts)
     outputs = _lengths(rng, args.random_output_len, args.random_range_ratio, args.num_prompts)
-    return model, [([int(t) for t in rng.choice(pool, size=n)], m) for n, m in zip(inputs, outputs)]
+    prefix = [int(t) for t in rng.choice(pool, size=args.random_prefix_len)]
+    return model, [(prefix + [int(t) for t in rng.choice(pool, size=n)], m) for n, m in zip(inputs, outputs)]
 
 
 async def _one(http: httpx.AsyncClient, args, model: str, prompt: list[int], max_tokens: int) -> Result:
@@ -157,7 +165,8 @@ async def run(args) -> dict:
     limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, limits=limits, timeout=httpx.Timeout(None, connect=30)) as http:
         model, workload = await _workload(http, args)
-        print(f"model {model}: {args.num_prompts} prompts, input ~{args.random_input_len}, output ~{args.random_output_len} tokens")
+        print(f"model {model}: {args.num_prompts} prompts, input ~{args.random_input_len} "
+              f"(+ {args.random_prefix_len} shared), output ~{args.random_output_len} tokens")
         probe = await _one(http, args, model, workload[0][0], 4)
         if not probe.ok:
             sys.exit(f"the test request failed: {probe.error}")

@@ -62,8 +62,9 @@ def hf_weights(workdir: Path) -> Path:
     return out
 
 
-def measure(server: Server, args) -> dict:
-    """Start-up seconds and, per concurrency, the serving benchmark's metrics."""
+def measure(server: Server, args, workload: tuple[str, ...] = ()) -> dict:
+    """Start-up seconds and, per concurrency, the serving benchmark's metrics; `workload`:
+    further `bench serve` flags (e.g. a shared prefix)."""
     try:
         out = {"startup_s": server.start(args.timeout)}
         print(f"{server.name}: healthy after {out['startup_s']:.1f} s", flush=True)
@@ -74,6 +75,7 @@ def measure(server: Server, args) -> dict:
                 "--max-concurrency", str(c),
                 "--random-input-len", str(args.input_len),
                 "--random-output-len", str(args.output_len),
+                *workload,
             ])
             m = asyncio.run(bench_serve.run(sargs))
             if m["failed"]:
@@ -106,20 +108,32 @@ def main(argv=None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     weights = hf_weights(args.workdir)
     logs = Path(tempfile.mkdtemp(prefix="ferrum_vs_vllm_"))
-    base_env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    limits = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs)]
-    port = free_port()
-    servers = {
-        "ferrum": Server("ferrum", [sys.executable, "-m", "ferrum_jax.serve", "--model", str(weights), "--dtype", "float32",
-                                    "--port", str(port), "--disable-uvicorn-access-log", *limits],
-                         {**base_env, "JAX_PLATFORMS": "cpu"}, port, logs / "ferrum.log"),
-        "vllm": Server("vllm", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights),
-                                "--dtype", "float32", "--port", str(port), "--no-enable-log-requests", *limits],
-                       {**base_env, **VLLM_ENV}, port, logs / "vllm.log"),
-    }
+    servers = {"ferrum": ferrum_server("ferrum", args, weights, logs), "vllm": vllm_server("vllm", args, weights, logs)}
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; weights {weights}; logs {logs}", flush=True)
     results = {name: measure(s, args) for name, s in servers.items() if args.only in (None, name)}
     report(args, results)
+
+
+def _limits(args) -> list[str]:
+    return ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs)]
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+
+def ferrum_server(name: str, args, weights: Path, logs: Path, *flags: str) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "ferrum_jax.serve", "--model", str(weights), "--dtype", "float32", "--port", str(port),
+           "--disable-uvicorn-access-log", *_limits(args), *flags]
+    return Server(name, cmd, {**_env(), "JAX_PLATFORMS": "cpu"}, port, logs / f"{name}.log")
+
+
+def vllm_server(name: str, args, weights: Path, logs: Path, *flags: str) -> Server:
+    port = free_port()
+    cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights), "--dtype", "float32",
+           "--port", str(port), "--no-enable-log-requests", *_limits(args), *flags]
+    return Server(name, cmd, {**_env(), **VLLM_ENV}, port, logs / f"{name}.log")
 
 
 def report(args, results: dict) -> None:

@@ -1,0 +1,111 @@
+"""Automatic prefix caching: which KV pages hold which token prefix (vLLM's scheme).
+
+The K/V at a position depend on every token before it, so a full page is named by a hash
+chain: a page's name is sha256(its parent page's name, its token ids), and the first page's
+parent is a root made from the sequence's cache salt (anything else that changes the KV
+joins the root). Equal names mean equal prefixes, so a page named once can serve every
+later sequence whose tokens start the same way: `match` walks a new prompt's pages from the
+root while their names are known, and the sequence maps those pages instead of computing
+them. Only full pages get names, so a partial page is never shared; a sequence only ever
+writes past its own length, so it never writes a page it shares.
+
+Pages keep their names while free (the allocator's cached pages) and lose them when
+evicted for reuse, or when the one sequence holding them truncates into them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from ferrum_jax.kv.allocator import PageAllocator
+
+
+def root_name(cache_salt: str | None) -> bytes:
+    return hashlib.sha256(b"ferrum-prefix\0" + (cache_salt or "").encode()).digest()
+
+
+def page_name(parent: bytes, token_ids: Sequence[int]) -> bytes:
+    return hashlib.sha256(parent + np.asarray(token_ids, np.int32).tobytes()).digest()
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixMatch:
+    """The cached pages a token sequence starts with, in order, and their names."""
+
+    pages: tuple[int, ...]
+    names: tuple[bytes, ...]
+    root: bytes
+    num_tokens: int  # tokens the pages hold
+    num_queried: int  # tokens the lookup was asked about
+    num_evictable: int  # of `pages`, those free now: holding them takes them off the free count
+
+
+class PrefixCache:
+    def __init__(self, allocator: PageAllocator, page_size: int, enabled: bool = True):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.enabled = enabled
+        self._page_of: dict[bytes, int] = {}
+        self._name_of: dict[int, bytes] = {}
+        self.queried_tokens = 0  # vLLM's prefix-cache counters, in tokens
+        self.hit_tokens = 0
+        allocator.on_evict = self._evicted
+
+    @property
+    def num_pages(self) -> int:
+        """Pages holding a named prefix, held by a sequence or free."""
+        return len(self._page_of)
+
+    def match(self, token_ids: Sequence[int], cache_salt: str | None = None) -> PrefixMatch:
+        """The longest run of cached pages `token_ids` starts with, leaving at least its last
+        token uncovered (a step must compute it to produce logits)."""
+        root = root_name(cache_salt)
+        pages, names = [], []
+        if self.enabled:
+            parent = root
+            for start in range(0, len(token_ids) - self.page_size, self.page_size):
+                name = page_name(parent, token_ids[start : start + self.page_size])
+                page = self._page_of.get(name)
+                if page is None:
+                    break
+                pages.append(page)
+                names.append(name)
+                parent = name
+        evictable = sum(self.allocator.is_evictable(p) for p in pages)
+        return PrefixMatch(tuple(pages), tuple(names), root, len(pages) * self.page_size, len(token_ids), evictable)
+
+    def is_current(self, match: PrefixMatch) -> bool:
+        return all(self._page_of.get(name) == page for name, page in zip(match.names, match.pages))
+
+    def record(self, match: PrefixMatch) -> None:
+        if not self.enabled:
+            return
+        self.queried_tokens += match.num_queried
+        self.hit_tokens += match.num_tokens
+
+    def register(self, page: int, name: bytes) -> None:
+        """Names a page whose KV now holds the prefix `name`; a prefix already cached in
+        another page (two sequences computed it side by side) keeps that page."""
+        if self.enabled and name not in self._page_of and page not in self._name_of:
+            self._page_of[name] = page
+            self._name_of[page] = name
+
+    def is_named(self, page: int) -> bool:
+        return page in self._name_of
+
+    def name_of(self, page: int) -> bytes | None:
+        return self._name_of.get(page)
+
+    def forget(self, page: int) -> None:
+        """The page's KV stops matching its name (its holder overwrites it)."""
+        name = self._name_of.pop(page, None)
+        if name is not None:
+            del self._page_of[name]
+            self.allocator.forget(page)
+
+    def _evicted(self, page: int) -> None:
+        del self._page_of[self._name_of.pop(page)]
