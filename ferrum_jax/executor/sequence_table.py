@@ -88,8 +88,9 @@ class SequenceTable:
     def append(self, seq: Sequence, token_ids) -> None:
         """`token_ids` (UNKNOWN where not known yet) now have their KV written."""
         seq.num_tokens += len(token_ids)
-        seq.token_ids.extend(int(t) for t in token_ids)
-        self._name_pages(seq)
+        if self.cache.enabled:  # the ids only serve to name pages
+            seq.token_ids.extend(int(t) for t in token_ids)
+            self._name_pages(seq)
 
     def resolve(self, seq: Sequence, position: int, token_id: int) -> None:
         """The token at `position`, appended while unknown, turned out to be `token_id`."""
