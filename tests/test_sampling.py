@@ -14,8 +14,8 @@ LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0, 0.2], np.float32)
 sample_jit = jax.jit(sample)
 
 
-def draw(rows, logits=LOGITS, history_len=16):
-    batch = build_sampling_batch(rows, len(rows), history_len)
+def draw(rows, logits=LOGITS, history_len=16, allowed=None):
+    batch = build_sampling_batch(rows, len(rows), history_len, V, allowed)
     out = sample_jit(np.broadcast_to(logits, (len(rows), V)).astype(np.float32), batch)
     return jax.tree.map(np.asarray, out)
 
@@ -42,12 +42,43 @@ def test_penalties_match_hand_arithmetic():
     hand[[0, 1, 6]] /= 2.0  # all positive: divided
     hand[6] -= 0.5 * 2 + 1.0
     hand[1] -= 0.5 * 1 + 1.0
-    got = apply_penalties(LOGITS[None], build_sampling_batch([row], 1, 16))
+    got = apply_penalties(LOGITS[None], build_sampling_batch([row], 1, 16, V))
     np.testing.assert_allclose(np.asarray(got)[0], hand, rtol=1e-6)
     negative = SamplingRow(repetition_penalty=2.0, history=np.array([5], np.int32), num_prompt=1)
-    got = np.asarray(apply_penalties(LOGITS[None], build_sampling_batch([negative], 1, 16)))[0]
+    got = np.asarray(apply_penalties(LOGITS[None], build_sampling_batch([negative], 1, 16, V)))[0]
     assert got[5] == -2.0  # a negative logit is multiplied
     assert draw([row]).token_ids[0] == int(np.argmax(hand))
+
+
+def packed(allowed_ids, vocab):
+    """The llguidance/xgrammar layout, packed by hand: bit t % 32 of word t // 32."""
+    words = np.zeros(-(-vocab // 32), np.uint32)
+    for t in allowed_ids:
+        words[t // 32] |= np.uint32(1) << np.uint32(t % 32)
+    return words.view(np.int32)
+
+
+def test_bitmask_restricts_draws_and_leaves_other_rows_alone():
+    allowed = np.stack([packed([1, 3], V), np.full(1, -1, np.int32), packed([5], V)])
+    rows = [SamplingRow(temperature=1.0, seed=7), SamplingRow(), SamplingRow(temperature=0.8, top_p=0.9, seed=3)]
+    for seed in range(50):
+        rows[0] = SamplingRow(temperature=1.0, seed=seed)
+        out = draw(rows, allowed=allowed)
+        assert out.token_ids[0] in (1, 3)
+        assert out.token_ids[1] == 6  # unconstrained greedy: the plain argmax
+        assert out.token_ids[2] == 5
+    # Logprobs stay the raw model's (vLLM's default), not the masked distribution's.
+    want = np.log(softmax(LOGITS.astype(np.float64)))
+    np.testing.assert_allclose(out.logprobs[2], want[5], rtol=1e-5)
+
+
+def test_bitmask_over_a_vocab_that_is_not_a_multiple_of_32():
+    vocab = 70
+    logits = np.linspace(0, 1, vocab, dtype=np.float32)  # argmax 69, in the third, partial word
+    allowed = np.stack([packed([33, 64], vocab), packed(range(vocab), vocab)])
+    batch = build_sampling_batch([SamplingRow(), SamplingRow()], 2, 4, vocab, allowed)
+    out = sample_jit(np.broadcast_to(logits, (2, vocab)), batch)
+    np.testing.assert_array_equal(np.asarray(out.token_ids), [64, 69])
 
 
 def test_banned_tokens_are_never_drawn():
@@ -94,7 +125,7 @@ def test_top_k_top_p_support_on_a_large_vocabulary_matches_the_sorted_definition
     settings = [(0, 0.5), (0, 0.9), (0, 0.01), (1, 1.0), (5, 1.0), (50, 0.9), (1000, 0.5), (vocab, 0.3), (3000, 0.99), (0, 1.0)]
     logits = (rng.normal(size=(len(settings), vocab)) * 3).astype(np.float32)
     rows = [SamplingRow(temperature=1.0, top_k=k, top_p=p) for k, p in settings]
-    support = np.asarray(jax.jit(sampling_probs)(logits, build_sampling_batch(rows, len(rows), 16))) > 0
+    support = np.asarray(jax.jit(sampling_probs)(logits, build_sampling_batch(rows, len(rows), 16, vocab))) > 0
     for i, (k, p) in enumerate(settings):
         order = np.argsort(-logits[i].astype(np.float64), kind="stable")
         kept = order[: k or vocab]

@@ -12,6 +12,12 @@ N+1 while the device runs step N, and reads step N's tokens while step N+1 runs.
 whose pending token ends it by length is not scheduled; one that step N ends by a stop token
 has computed one token in step N+1 for nothing, which is dropped. Reads come first where the
 host needs the token: a penalty's history, speculative drafting (which runs synchronously).
+
+Structured outputs: a step with a constrained row is launched in two parts. The forward goes
+first; while the device runs it, the host reads the previous step's tokens, advances each
+grammar past them and packs the allowed tokens of this step's rows into a bitmask; then the
+sampler is launched with it. Steps without a constrained row launch as one, as before.
+Constrained requests do not speculate: their decodes go through the normal step.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from ferrum_jax.engine.types import EngineConfig, EngineStats, RequestOutput, Sa
 from ferrum_jax.interfaces import FerrumError, UnifiedBatchItem
 from ferrum_jax.executor.launched_step import LaunchedStep, SampledToken
 from ferrum_jax.step.sampling import MAX_BANNED, NUM_TOP_LOGPROBS, SamplingRow
+from ferrum_jax.structured.matcher import RequestGrammar, fill_bitmasks
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +101,12 @@ class Engine:
         return self._task is not None and not self._task.done() and self._dead is None
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None,
+        grammar: RequestGrammar | None = None,
     ) -> RequestStream:
         """Queues a request; raises at once if it is refused (full queue, can never fit).
-        cache_salt: the request reuses cached KV only of requests with the same salt."""
+        cache_salt: the request reuses cached KV only of requests with the same salt.
+        grammar: every output token must follow it; the request stops when it is complete."""
         if not self.is_alive:
             raise FerrumError.backend("the engine loop is not running")
         if not self._accepting:
@@ -112,7 +121,8 @@ class Engine:
             )
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
         req = Request(
-            request_id=request_id, prompt_ids=prompt, params=params, seed=seed & 0xFFFFFFFF, cache_salt=cache_salt
+            request_id=request_id, prompt_ids=prompt, params=params, seed=seed & 0xFFFFFFFF, cache_salt=cache_salt,
+            grammar=grammar,
         )
         self._requests[request_id] = req
         self.scheduler.waiting.append(req)
@@ -188,8 +198,8 @@ class Engine:
                 if self.drafter is None:
                     await self._run_step(step.work)
                     continue
-                decoding = [(r, n) for r, n in step.work if r.num_uncomputed == 1]
-                others = [(r, n) for r, n in step.work if r.num_uncomputed != 1]
+                decoding = [(r, n) for r, n in step.work if r.num_uncomputed == 1 and r.grammar is None]
+                others = [(r, n) for r, n in step.work if r.num_uncomputed != 1 or r.grammar is not None]
                 if decoding:
                     await self._run_spec_step([r for r, _ in decoding])
                 if others:
@@ -212,7 +222,7 @@ class Engine:
             work = [(r, n) for r, n in work if r.state is RequestState.RUNNING]
             if not work:
                 return
-        items, rows, fed = [], [], []
+        items, rows, fed, constrained = [], [], [], []
         prev_items = self._inflight[1] if self._inflight is not None else {}
         for i, (req, n) in enumerate(work):
             final = req.num_computed + n == req.num_tokens
@@ -228,25 +238,46 @@ class Engine:
                 )
             )
             if final:
+                if req.grammar is not None:
+                    constrained.append((req.grammar, len(rows)))
                 rows.append(self._sampling_row(req))
         feed = (self._inflight[0], fed) if fed else None
         try:
-            launched = await asyncio.to_thread(self.executor.launch_unified, items, rows, feed)
+            if constrained:
+                launched = await asyncio.to_thread(self.executor.launch_forward, items, feed)
+            else:
+                launched = await asyncio.to_thread(self.executor.launch_unified, items, rows, feed)
         except FerrumError as e:
-            log.warning("step failed for %d requests: %s", len(work), e)
-            for req, _ in work:
-                self._finish(req, "error", error=e)
+            self._fail(work, e)
             return
         for req, n in work:
             req.num_computed += n
             if req.num_computed == req.num_tokens:
                 req.pending += 1
-        previous = self._inflight
-        self._inflight = (launched, {req: i for i, (req, _) in enumerate(work)})
+        previous, self._inflight = self._inflight, None
         if previous is not None:
             await self._read(*previous)
+        if constrained:
+            # The grammars have now seen the previous step's tokens: this step's masks.
+            vocab = self.executor.cfg.vocab_size
+            try:
+                launched = await asyncio.to_thread(self._launch_constrained_sampler, launched, rows, constrained, vocab)
+            except FerrumError as e:
+                for req, _ in work:
+                    req.pending = 0
+                self._fail(work, e)
+                return
+        self._inflight = (launched, {req: i for i, (req, _) in enumerate(work)})
         if not self._async:
             await self._read_inflight()
+
+    def _launch_constrained_sampler(self, forward, rows: list[SamplingRow], constrained, vocab: int):
+        return self.executor.launch_sampler(forward, rows, fill_bitmasks(constrained, len(rows), vocab))
+
+    def _fail(self, work: list[tuple[Request, int]], e: FerrumError) -> None:
+        log.warning("step failed for %d requests: %s", len(work), e)
+        for req, _ in work:
+            self._finish(req, "error", error=e)
 
     async def _read_inflight(self) -> None:
         inflight, self._inflight = self._inflight, None
@@ -342,6 +373,9 @@ class Engine:
 
     def _append_token(self, req: Request, tok) -> None:
         token = tok.token_id
+        if req.grammar is not None and not req.grammar.accept(token):
+            self._finish(req, "error", error=FerrumError.internal(f"token {token} broke the request's grammar: {req.grammar.error}"))
+            return
         req.output_ids.append(token)
         self.generation_tokens += 1
         p = req.params
@@ -354,6 +388,8 @@ class Engine:
             token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)
         ):
             reason, stop_token = "stop", token
+        elif req.grammar is not None and req.grammar.terminated:
+            reason = "stop"  # the grammar is complete: no token could extend it
         elif len(req.output_ids) >= p.max_tokens or req.num_tokens - req.pending >= self.executor.max_sequence_length:
             reason = "length"
         req.emit(

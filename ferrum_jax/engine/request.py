@@ -8,6 +8,7 @@ import enum
 
 from ferrum_jax.engine.types import RequestOutput, SamplingParams
 from ferrum_jax.interfaces.kv_handle import KvCacheHandle
+from ferrum_jax.structured.matcher import RequestGrammar
 
 
 # Stands for a pending token on the host; the step that computes it takes the real id on device.
@@ -42,6 +43,8 @@ class Request:
     cache_salt: str | None = None
     # Prompt tokens found in the prefix cache when first scheduled (usage's cached_tokens).
     num_cached_tokens: int | None = None
+    # Structured outputs: the grammar every output token must follow (advanced as tokens are appended).
+    grammar: RequestGrammar | None = None
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
 
     @property

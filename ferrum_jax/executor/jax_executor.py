@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ferrum_jax.batch.buckets import BucketSpec, StepShape
 from ferrum_jax.batch.ragged import NO_FEED, Feed, SequenceChunk, build_feed, build_ragged_batch
 from ferrum_jax.executor.compile_cache import enable_persistent_cache
-from ferrum_jax.executor.launched_step import LaunchedStep, SampledToken
+from ferrum_jax.executor.launched_step import ForwardStep, LaunchedStep, SampledToken
 from ferrum_jax.executor.platform_defaults import default_dtype, default_max_num_batched_tokens, resolve_attention
 from ferrum_jax.executor.program_plan import (
     PROGRAM_FAMILIES,
@@ -70,7 +70,7 @@ from ferrum_jax.models.sharding import kv_rows, kv_spec, make_mesh
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.param_tree import state_nbytes
 from ferrum_jax.step.ragged_step import feed_sharding, make_ragged_step, make_sampler
-from ferrum_jax.step.sampling import SamplingRow, build_sampling_batch, sampling_probs
+from ferrum_jax.step.sampling import SamplingRow, bitmask_words, build_sampling_batch, sampling_probs
 
 _LATENCY_WINDOW = 1024
 # One background thread for KV pool allocations (see __init__).
@@ -154,6 +154,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         # (kind, bucket): warmup compiles without running anything, a restart loads from disk.
         self._store = ProgramStore(self.compilation_cache_dir)
         self._programs: dict[tuple[str, object], jax.stages.Compiled] = {}
+        self._all_allowed: dict[int, jax.Array] = {}
         # What shapes a program beyond its arguments' avals: the sampler's ids size is a constant.
         self._static = "\n".join(
             [repr(cfg), str(dtype), self.attention_impl, repr(self.mesh), repr([d.id for d in self.mesh.devices.flat]),
@@ -344,9 +345,12 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         step, [(item, its item)]): each listed item is a single token whose id is not known on
         the host yet (its id here is ignored); the step takes it from that step's sampled ids on
         device."""
+        return self.launch_sampler(self.launch_forward(items, feed), rows)
+
+    def launch_forward(self, items: list[UnifiedBatchItem],
+                       feed: tuple[LaunchedStep, list[tuple[int, int]]] | None = None) -> ForwardStep:
+        """The forward of `launch_unified` alone (same `feed`); `launch_sampler` samples it."""
         work = self._unified_work(items)
-        if len(rows) != sum(item.is_final_chunk for item in items):
-            raise FerrumError.internal(f"{len(rows)} sampling rows for {sum(i.is_final_chunk for i in items)} final items")
         for w in work:
             self._seqs.check_room(w.seq, len(w.token_ids))
         self._seqs.reserve([(w.seq, w.seq.num_tokens + len(w.token_ids)) for w in work])
@@ -361,21 +365,50 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
                 if len(work[item].token_ids) != 1:
                     raise FerrumError.internal(f"fed item {item} has {len(work[item].token_ids)} tokens, not 1")
             step_feed = build_feed(prev.ids, [(int(starts[item]), prev.row_of_item[from_item]) for item, from_item in pairs])
-        sampling = build_sampling_batch(rows, shape.logit_rows, self.max_sequence_length)
         logits = self._run_step(batch, shape, step_feed)
-        sampled, ids = self._run_program("sampler", shape.logit_rows, self._sampler, logits, sampling)
         fed = {item for item, _ in feed[1]} if feed is not None else set()
         for i, w in enumerate(work):
             self._seqs.append(w.seq, [UNKNOWN] if i in fed else w.token_ids)
         row_of_item = tuple(np.cumsum([item.is_final_chunk for item in items]) - 1)
-        return LaunchedStep(
-            sampled=sampled,
-            ids=ids,
+        return ForwardStep(
+            logits=logits,
+            num_rows=sum(item.is_final_chunk for item in items),
             row_of_item=tuple(int(r) if item.is_final_chunk else None for r, item in zip(row_of_item, items)),
             next_of_item=tuple((w.seq, w.seq.num_tokens) for w in work),
             kind="decode" if all(len(w.token_ids) == 1 for w in work) else "prefill",
             num_tokens=sum(len(w.token_ids) for w in work),
             started=t0,
+        )
+
+    def launch_sampler(self, forward: ForwardStep, rows: list[SamplingRow], allowed: np.ndarray | None = None) -> LaunchedStep:
+        """Queues the sampler over a launched forward. rows: the settings of its final items,
+        in item order; allowed: `[len(rows), bitmask_words(vocab)]` int32 packed allowed-token
+        bitmasks (structured outputs), None allowing everything."""
+        if len(rows) != forward.num_rows:
+            raise FerrumError.internal(f"{len(rows)} sampling rows for {forward.num_rows} final items")
+        n = forward.logit_rows
+        if allowed is not None:
+            padded = np.full((n, bitmask_words(self.cfg.vocab_size)), -1, np.int32)
+            padded[: len(allowed)] = allowed
+            allowed = padded
+        else:
+            # A step without a constrained row moves no bitmask: one everything-allowed mask
+            # per row bucket stays on the device.
+            allowed = self._all_allowed.get(n)
+        sampling = build_sampling_batch(rows, n, self.max_sequence_length, self.cfg.vocab_size, allowed)
+        program = self._program("sampler", n, self._sampler, (forward.logits, sampling))
+        if allowed is None:
+            allowed = self._all_allowed[n] = jax.device_put(sampling.allowed, program.input_shardings[0][1].allowed)
+            sampling = dataclasses.replace(sampling, allowed=allowed)
+        sampled, ids = program(forward.logits, sampling)
+        return LaunchedStep(
+            sampled=sampled,
+            ids=ids,
+            row_of_item=forward.row_of_item,
+            next_of_item=forward.next_of_item,
+            kind=forward.kind,
+            num_tokens=forward.num_tokens,
+            started=forward.started,
         )
 
     def collect(self, launched: LaunchedStep) -> list[SampledToken | None]:
@@ -407,7 +440,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         padded_n = self.buckets.token_bucket(n)
         padded = np.zeros((padded_n, self.cfg.vocab_size), np.float32)
         padded[:n] = logits
-        sampling = build_sampling_batch(rows, padded_n, self.max_sequence_length)
+        sampling = build_sampling_batch(rows, padded_n, self.max_sequence_length, self.cfg.vocab_size)
         return np.asarray(self._run_program("distribution", padded_n, self._distribution, padded, sampling))[:n]
 
     def pages_needed(self, kv_cache: KvCacheHandle | None, new_tokens: int) -> int:

@@ -4,6 +4,11 @@
 are queued (JAX dispatches asynchronously), so the engine can prepare and launch the next step
 while this one runs; the next step may consume this one's tokens on device through `ids`.
 `tokens()` is the only point that waits for the device.
+
+The launch can also be cut in two (`launch_forward`, then `launch_sampler`): a `ForwardStep` is
+the forward alone, its logits left on device, so the host can still decide what the sampler
+needs (a grammar's allowed tokens, known only once the previous step's tokens are read) while
+the device computes the forward.
 """
 
 from __future__ import annotations
@@ -24,6 +29,24 @@ class SampledToken:
     logprob: float
     top_ids: np.ndarray
     top_logprobs: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardStep:
+    """A launched forward whose sampler is not launched yet. logits: `[logit_rows, vocab]` on
+    device; num_rows: the sampling rows it needs (its final items); the rest as LaunchedStep."""
+
+    logits: jax.Array
+    num_rows: int
+    row_of_item: tuple[int | None, ...]
+    next_of_item: tuple[tuple[object, int], ...]
+    kind: str
+    num_tokens: int
+    started: float
+
+    @property
+    def logit_rows(self) -> int:
+        return self.logits.shape[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,12 +108,12 @@ def compile_programs(
             logits = jax.ShapeDtypeStruct(
                 (shape.logit_rows, inputs.vocab_size), jnp.float32, sharding=step.output_shardings[0]
             )
-            sampling = build_sampling_batch([], shape.logit_rows, inputs.max_sequence_length)
+            sampling = build_sampling_batch([], shape.logit_rows, inputs.max_sequence_length, inputs.vocab_size)
             compile("sampler", shape.logit_rows, fns.sampler, (logits, sampling))
             progress()
     if "distribution" in programs:
         for rows in buckets.token_buckets:
             logits = np.zeros((rows, inputs.vocab_size), np.float32)
-            sampling = build_sampling_batch([], rows, inputs.max_sequence_length)
+            sampling = build_sampling_batch([], rows, inputs.max_sequence_length, inputs.vocab_size)
             compile("distribution", rows, fns.distribution, (logits, sampling))
             progress()

@@ -5,6 +5,9 @@ token ids and a few logprobs, never the logits. Semantics follow vLLM:
 - repetition_penalty over prompt and generated tokens (divide positive logits, multiply
   negative), then frequency / presence penalties over generated tokens only;
 - min_tokens: the `banned` ids (eos + stop tokens) get -inf until enough were generated;
+- structured outputs: a row's packed `allowed` bitmask (bit t%32 of word t//32 set = token t
+  allowed, xgrammar's and llguidance's layout) sends the disallowed tokens to -inf before
+  anything else, so penalties, filters and the draw see only what the grammar allows;
 - temperature 0 is greedy (argmax of the penalised logits);
 - top-k, then top-p over the distribution in descending order (the most likely token always
   survives; found as value thresholds, not by sorting),
@@ -56,7 +59,8 @@ class SamplingRow:
 @dataclasses.dataclass(frozen=True)
 class SamplingBatch:
     """Per-row arrays `[rows]`; history `[rows, max_sequence_length]` (-1 padded);
-    banned `[rows, MAX_BANNED]` (-1 padded)."""
+    banned `[rows, MAX_BANNED]` (-1 padded); allowed `[rows, bitmask_words(vocab)]` int32
+    (-1: every token allowed)."""
 
     temperature: jax.Array
     top_k: jax.Array
@@ -70,6 +74,7 @@ class SamplingBatch:
     history: jax.Array
     num_prompt: jax.Array
     banned: jax.Array
+    allowed: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -83,8 +88,17 @@ class SampledTokens:
     top_logprobs: jax.Array
 
 
-def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int, history_len: int) -> SamplingBatch:
-    """Pads `rows` to `num_rows` (padding rows are greedy and ignored) as numpy arrays."""
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words of one row's packed allowed-token bitmask."""
+    return -(-vocab_size // 32)
+
+
+def build_sampling_batch(
+    rows: Sequence[SamplingRow], num_rows: int, history_len: int, vocab_size: int, allowed=None
+) -> SamplingBatch:
+    """Pads `rows` to `num_rows` (padding rows are greedy and ignored) as numpy arrays.
+    allowed: `[num_rows, bitmask_words(vocab_size)]` int32 (numpy or already on device);
+    None allows everything."""
     def col(name, dtype, default):
         out = np.full(num_rows, default, dtype)
         out[: len(rows)] = [getattr(r, name) for r in rows]
@@ -115,7 +129,16 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int, history_len
         history=history,
         num_prompt=col("num_prompt", np.int32, 0),
         banned=banned,
+        allowed=np.full((num_rows, bitmask_words(vocab_size)), -1, np.int32) if allowed is None else allowed,
     )
+
+
+def apply_bitmask(logits_rv: jax.Array, allowed: jax.Array) -> jax.Array:
+    """-inf where a row's bit for the token is clear."""
+    rows, vocab = logits_rv.shape
+    bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    keep = bits.reshape(rows, -1)[:, :vocab].astype(jnp.bool_)
+    return jnp.where(keep, logits_rv, -jnp.inf)
 
 
 def apply_penalties(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
@@ -187,6 +210,8 @@ def _filter_top_k_top_p(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
 def processed_logits(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
     """The logits a row actually samples from: penalties, temperature, top-k/top-p, min-p.
     Greedy rows (temperature 0) keep only their argmax."""
+    # A batch without a constrained row skips unpacking `[rows, vocab]` bits.
+    logits_rv = jax.lax.cond(jnp.any(s.allowed != -1), apply_bitmask, lambda x, _: x, logits_rv, s.allowed)
     # Penalties scatter the whole `[rows, max_sequence_length]` history into `[rows, vocab]`
     # tables; a batch without any penalty or banned id skips that.
     active = jnp.any((s.presence_penalty != 0) | (s.frequency_penalty != 0) | (s.repetition_penalty != 1))
