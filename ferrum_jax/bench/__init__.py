@@ -5,6 +5,7 @@
     serve-vs-hf     serve_vs_hf.py   the server vs HF static batches
     serve-vs-vllm   serve_vs_vllm.py the server vs vLLM's CPU build, same weights and workload
     prefix-cache    prefix_cache.py  a shared-system-prompt workload, caching on/off, vs vLLM CPU
+    structured      structured.py    json_schema batch vs unconstrained, bitmask fill and schema compile time
     spec            spec.py          n-gram speculation vs plain decoding
     tp              tp.py            tensor-parallel overhead on fake CPU devices
     startup         startup.py       default model load and time to a healthy server

@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "serve-vs-hf": "serve_vs_hf",
     "serve-vs-vllm": "serve_vs_vllm",
     "prefix-cache": "prefix_cache",
+    "structured": "structured",
     "spec": "spec",
     "tp": "tp",
     "startup": "startup",

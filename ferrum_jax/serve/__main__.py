@@ -66,6 +66,7 @@ def build_context(s: ServeSettings, executor, tokenizer, drafter=None):
         max_waiting=s.max_waiting,
         metrics=ServerMetrics(engine, names[0]),
         api_key=s.api_key,
+        tool_call_parser=s.tool_call_parser if s.enable_auto_tool_choice else None,
     )
 
 

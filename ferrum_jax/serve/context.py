@@ -14,6 +14,7 @@ from ferrum_jax.serve.logprobs import TokenText
 from ferrum_jax.serve.metrics import ServerMetrics
 from ferrum_jax.serve.output import ChoiceOutput
 from ferrum_jax.serve.protocol import SamplingFields
+from ferrum_jax.serve.structured_outputs import StructuredOutputs
 from ferrum_jax.serve.tokenizer import Tokenizer
 
 # Sampling fields passed to SamplingParams when the client set them (None: the engine default).
@@ -30,11 +31,15 @@ class ServerContext:
     max_waiting: int
     metrics: ServerMetrics
     api_key: str | None = None
+    # tool_choice "auto": the parser reading tool calls out of replies (None: auto is refused).
+    tool_call_parser: str | None = None
     draining: bool = False
     token_text: TokenText = dataclasses.field(init=False)
+    structured: StructuredOutputs = dataclasses.field(init=False)
 
     def __post_init__(self):
         self.token_text = TokenText(self.tokenizer)
+        self.structured = StructuredOutputs(self.tokenizer, self.engine.executor.cfg.vocab_size)
 
     @property
     def model_name(self) -> str:

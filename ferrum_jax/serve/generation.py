@@ -26,6 +26,7 @@ from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.serve.errors import APIError
 from ferrum_jax.serve.metrics import RequestTimer, ServerMetrics
 from ferrum_jax.serve.output import ChoiceDelta, ChoiceOutput
+from ferrum_jax.structured.matcher import RequestGrammar
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,6 +47,7 @@ class ChoiceSpec:
     prompt_ids: list[int]
     params: SamplingParams
     output: ChoiceOutput
+    grammar: RequestGrammar | None = None  # structured outputs: this choice's own matcher
 
 
 class Generation:
@@ -64,7 +66,9 @@ class Generation:
         gen = cls(engine, metrics, [Choice(i, s.prompt_index, s.prompt_ids, s.output) for i, s in enumerate(specs)])
         try:
             for choice, spec in zip(gen.choices, specs):
-                choice.stream = engine.add_request(f"{request_id}-{choice.index}", spec.prompt_ids, spec.params, cache_salt)
+                choice.stream = engine.add_request(
+                    f"{request_id}-{choice.index}", spec.prompt_ids, spec.params, cache_salt, spec.grammar
+                )
                 choice.timer = RequestTimer(metrics, arrival)
         except FerrumError as e:
             gen._abort_all()

@@ -4,8 +4,10 @@ returned whole.
 
 The template writes the special tokens itself, so the rendered text is tokenized with
 `add_special_tokens=False` (as transformers and vLLM do). `tools` are passed to the
-template, so a model that was trained to call them sees them; the reply is returned as
-text (no tool-call parsing), which is why `tool_choice` may only be "none" or "auto".
+template, so a model that was trained to call them sees them; `tool_choice` decides how the
+reply relates to them (`tool_calls.py`). A reply with tool calls ends with finish_reason
+"tool_calls". Streamed, content is sent as it comes except what may still turn out to be a
+tool call; each call is sent whole, in one `tool_calls` delta, once the reply is complete.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from ferrum_jax.serve.context import ServerContext, check_common, choice_seed, n
 from ferrum_jax.serve.errors import APIError, sse_error
 from ferrum_jax.serve.generation import ChoiceSpec, Generation, GenerationResponse, run_until_disconnect
 from ferrum_jax.serve.logprobs import chat_logprobs
+from ferrum_jax.serve.structured_outputs import request_spec
+from ferrum_jax.serve.tool_calls import ToolPlan, plan_tools
+from ferrum_jax.structured.compiler import GrammarSpec
 from ferrum_jax.serve.protocol import (
+    DeltaToolCall,
     ChatChoice,
     ChatChoiceLogprobs,
     ChatCompletionChunk,
@@ -38,7 +44,9 @@ def render_chat(ctx: ServerContext, messages, add_generation_prompt: bool, tools
     adds the tokenizer's own specials on top of what the template wrote, as vLLM's does)."""
     if not messages:
         raise APIError.bad_request("messages must be a non-empty list", param="messages")
-    plain = [m.model_dump(exclude_none=True) for m in messages]
+    # Every message has a content for the template to read: an assistant turn that only
+    # called tools has none (OpenAI allows that), and templates index `message['content']`.
+    plain = [{"content": "", **m.model_dump(exclude_none=True)} for m in messages]
     try:
         text = ctx.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tools=tools, **(template_kwargs or {}))
     except FerrumError as e:
@@ -50,15 +58,24 @@ def _check(body: ChatCompletionRequest) -> None:
     check_common(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError.bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise APIError.bad_request("tool_choice must be 'none' or 'auto': this server does not parse tool calls", param="tool_choice")
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise APIError.bad_request("response_format other than {'type': 'text'} is not supported", param="response_format")
+
+
+def _constraint(body: ChatCompletionRequest, plan: ToolPlan) -> GrammarSpec | None:
+    asked = request_spec(body.response_format, body.structured_outputs)
+    forced = plan.grammar(body.tools or [])
+    if asked is not None and forced is not None:
+        raise APIError.bad_request(
+            f"tool_choice {plan.mode!r} constrains the reply itself: it cannot be combined with {asked.param.split('.')[0]}",
+            param="tool_choice",
+        )
+    return asked or forced
 
 
 async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest, raw: Request):
     model = ctx.check_model(body.model)
     _check(body)
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, ctx.tool_call_parser is not None, ctx.tool_call_parser)
+    constraint = _constraint(body, plan)
     ids = render_chat(ctx, body.messages, body.add_generation_prompt, body.tools, body.chat_template_kwargs)
     ctx.check_choices(body.n, 1)
     use_max = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -68,14 +85,17 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     renames = {"max_tokens": use_max, "logprobs": "top_logprobs"}
     specs = [
-        ChoiceSpec(0, ids, sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, seed=choice_seed(body.seed, j), renames=renames), ctx.choice_output(body, ids))
+        ChoiceSpec(
+            0, ids, sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, seed=choice_seed(body.seed, j), renames=renames),
+            ctx.choice_output(body, ids), await ctx.structured.compile(constraint),
+        )
         for j in range(body.n)
     ]
     request_id = new_request_id("chatcmpl")
     gen = Generation.submit(ctx.engine, ctx.metrics, request_id, specs, body.cache_salt)
     if body.stream:
-        return GenerationResponse(_stream(ctx, body, gen, request_id, model, ids), gen)
-    return await run_until_disconnect(raw, _whole(ctx, body, gen, request_id, model, ids), gen)
+        return GenerationResponse(_stream(ctx, body, plan, gen, request_id, model, ids), gen)
+    return await run_until_disconnect(raw, _whole(ctx, body, plan, gen, request_id, model, ids), gen)
 
 
 def _usage(gen: Generation, prompt_len: int) -> UsageInfo:
@@ -88,29 +108,37 @@ def _usage(gen: Generation, prompt_len: int) -> UsageInfo:
     )
 
 
-async def _whole(ctx: ServerContext, body: ChatCompletionRequest, gen: Generation, request_id: str, model: str, ids: list[int]):
+def _finish_reason(reason: str | None, calls: list) -> str | None:
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+async def _whole(ctx: ServerContext, body: ChatCompletionRequest, plan: ToolPlan, gen: Generation, request_id: str, model: str, ids: list[int]):
     logprobs = {c.index: ChatChoiceLogprobs(content=[]) for c in gen.choices} if body.logprobs else {}
     async for choice, delta in gen.events():
         if logprobs:
             chat_logprobs(delta.logprobs, ctx.token_text, body.return_tokens_as_token_ids, into=logprobs[choice.index])
-    choices = [
-        ChatChoice(
-            index=c.index,
-            message=ChatResponseMessage(content=c.output.text),
-            logprobs=logprobs.get(c.index),
-            finish_reason=c.output.finish_reason,
-            stop_reason=c.output.stop_reason,
-            token_ids=c.output.token_ids if body.return_token_ids else None,
+    choices = []
+    for c in gen.choices:
+        content, calls = plan.tool_calls(c.output.text)
+        choices.append(
+            ChatChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=content, tool_calls=calls),
+                logprobs=logprobs.get(c.index),
+                finish_reason=_finish_reason(c.output.finish_reason, calls),
+                stop_reason=c.output.stop_reason,
+                token_ids=c.output.token_ids if body.return_token_ids else None,
+            )
         )
-        for c in gen.choices
-    ]
     return ChatCompletionResponse(
         id=request_id, model=model, choices=choices, usage=_usage(gen, len(ids)), prompt_token_ids=ids if body.return_token_ids else None
     )
 
 
-async def _stream(ctx: ServerContext, body: ChatCompletionRequest, gen: Generation, request_id: str, model: str, ids: list[int]):
+async def _stream(ctx: ServerContext, body: ChatCompletionRequest, plan: ToolPlan, gen: Generation, request_id: str, model: str, ids: list[int]):
     created = int(time.time())
+    texts = {c.index: "" for c in gen.choices}  # each choice's text so far
+    sent = {c.index: 0 for c in gen.choices}  # how much of it went out as content
 
     def chunk(choices: list[ChatStreamChoice], **extra) -> str:
         c = ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, **extra)
@@ -122,17 +150,37 @@ async def _stream(ctx: ServerContext, body: ChatCompletionRequest, gen: Generati
             first = ChatStreamChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))
             yield chunk([first], prompt_token_ids=ids if body.return_token_ids and j == 0 else None)
         async for c, delta in gen.events():
+            texts[c.index] += delta.text
+            text, calls = texts[c.index], []
+            if delta.finished:
+                _, calls = plan.tool_calls(text)
+                # With calls, the content is what comes before them; without, all of it.
+                safe = plan.safe_content_len(text) if calls else len(text)
+            else:
+                safe = plan.safe_content_len(text)
+            new_content, sent[c.index] = text[sent[c.index]:max(safe, sent[c.index])], max(safe, sent[c.index])
+            lp = chat_logprobs(delta.logprobs, ctx.token_text, body.return_tokens_as_token_ids) if body.logprobs else None
+            token_ids = delta.token_ids if body.return_token_ids else None
             # One chunk per engine delta, even when its text is "" (a partial character or
-            # held-back stop-string prefix), as vLLM does; a last delta without text is `{}`.
+            # held-back stop-string or tool-call prefix), as vLLM does; a last delta without text is `{}`.
+            if calls:
+                if new_content:
+                    yield chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(content=new_content), logprobs=lp, token_ids=token_ids)])
+                    lp = token_ids = None
+                for k, call in enumerate(calls):
+                    tool_delta = DeltaToolCall(index=k, id=call.id, type="function", function=call.function)
+                    yield chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(tool_calls=[tool_delta]), logprobs=lp, token_ids=token_ids)])
+                    lp = token_ids = None
+                new_content = None
             yield chunk(
                 [
                     ChatStreamChoice(
                         index=c.index,
-                        delta=DeltaMessage(content=delta.text if delta.text or not delta.finished else None),
-                        logprobs=chat_logprobs(delta.logprobs, ctx.token_text, body.return_tokens_as_token_ids) if body.logprobs else None,
-                        finish_reason=delta.finish_reason,
+                        delta=DeltaMessage(content=new_content if new_content or not delta.finished else None),
+                        logprobs=lp,
+                        finish_reason=_finish_reason(delta.finish_reason, calls),
                         stop_reason=delta.stop_reason,
-                        token_ids=delta.token_ids if body.return_token_ids else None,
+                        token_ids=token_ids,
                     )
                 ]
             )

@@ -17,6 +17,7 @@ from ferrum_jax.serve.errors import APIError, sse_error
 from ferrum_jax.serve.generation import ChoiceSpec, Generation, GenerationResponse, run_until_disconnect
 from ferrum_jax.serve.logprobs import completion_logprobs
 from ferrum_jax.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptTokensDetails, UsageInfo
+from ferrum_jax.serve.structured_outputs import request_spec
 
 
 def _prompts(ctx: ServerContext, body: CompletionRequest) -> list[tuple[str, list[int]]]:
@@ -56,13 +57,15 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, raw: Re
         raise APIError.bad_request("echo with logprobs needs prompt logprobs, which are not supported", param="echo")
     prompts = _prompts(ctx, body)
     ctx.check_choices(body.n, len(prompts))
+    constraint = request_spec(body.response_format, body.structured_outputs)
     specs = []
     for i, (_, ids) in enumerate(prompts):
         ctx.check_context(len(ids), body.max_tokens, "prompt")
         max_tokens = body.max_tokens if body.max_tokens is not None else ctx.max_model_len - len(ids)
         for j in range(body.n):
             params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, seed=choice_seed(body.seed, j), renames={})
-            specs.append(ChoiceSpec(i, ids, params, ctx.choice_output(body, ids)))
+            grammar = await ctx.structured.compile(constraint)
+            specs.append(ChoiceSpec(i, ids, params, ctx.choice_output(body, ids), grammar))
     request_id = new_request_id("cmpl")
     gen = Generation.submit(ctx.engine, ctx.metrics, request_id, specs, body.cache_salt)
     echo = [text if body.echo else "" for text, _ in prompts]

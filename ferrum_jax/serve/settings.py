@@ -28,6 +28,7 @@ import yaml
 _DTYPES = {"auto": None, "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32", "float32": "float32"}
 
 SPECULATIVE_METHODS = ("ngram", "draft")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 # Draft tokens per step when a method is given without --num-speculative-tokens: enough to
 # pay off on repetitive text, few enough that a rejection early in the run wastes little.
 DEFAULT_SPECULATIVE_TOKENS = 4
@@ -61,6 +62,8 @@ class ServeSettings:
     attention: str = "auto"
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse the reply's tool calls
+    tool_call_parser: str | None = None  # how tool calls are written: "hermes" | "llama3_json"
     seed: int = 0
     shutdown_timeout: float = 30.0
     no_warmup: bool = False
@@ -78,6 +81,10 @@ class ServeSettings:
     def __post_init__(self):
         if self.model is not None and self.preset is not None:
             raise ValueError("--model and --preset are mutually exclusive")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser ({' or '.join(TOOL_CALL_PARSERS)})")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"--tool-call-parser {self.tool_call_parser!r}: expected one of {list(TOOL_CALL_PARSERS)}")
         self._check_speculative()
 
     def _check_speculative(self) -> None:
@@ -178,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="reuse the KV of prompt prefixes already computed (default on)",
     )
+    p.add_argument(
+        "--enable-auto-tool-choice", action="store_const", const=True,
+        help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser",
+    )
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, help="the model's tool-call format: hermes (<tool_call> JSON: Qwen2.5/Qwen3, SmolLM2, Hermes) or llama3_json (Llama 3.1+)")
     p.add_argument("--seed", type=int, help="seeds the per-request seeds of requests that give none (default 0)")
     p.add_argument("--shutdown-timeout", type=_nonnegative_float, help="seconds SIGTERM waits for in-flight requests (default 30)")
     p.add_argument("--no-warmup", action="store_const", const=True, help="skip compiling every step program at start")

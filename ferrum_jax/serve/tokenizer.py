@@ -299,6 +299,11 @@ class HFTokenizer(Tokenizer):
             )
         return cls(backend, special_tokens, eos_ids, templates)
 
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The `tokenizers` tokenizer underneath (truncation and padding off)."""
+        return self._tok
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise FerrumError.invalid_request(f"text to tokenize must be a string, got {type(text).__name__}")
