@@ -113,6 +113,13 @@ def test_two_processes_serve_in_lockstep_and_stop_together(extra, monkeypatch):
             return [r.choices[0].token_ids for r in replies]
 
         assert asyncio.run(complete_all()) == expected
+        # A constrained request: its masked sampler runs on both processes too.
+        pattern = "[a-c]{4}-[0-9]{2}"
+        r = leader.client().completions.create(
+            model="tiny", prompt="code:", max_tokens=MAX_TOKENS, temperature=1.0, seed=3,
+            extra_body={"structured_outputs": {"regex": pattern}},
+        )  # fmt: skip
+        assert re.fullmatch(pattern, r.choices[0].text), r.choices[0].text
         if extra:
             assert leader.metrics()["ferrum:spec_decode_num_accepted_tokens_total"] > 0
 
@@ -151,8 +158,8 @@ class Recorder:
         self.calls.append(("truncate", handle, n))
         if n == 0:
             raise FerrumError.invalid_request("refused")
-    def sample_unified(self, items, rows):
-        self.calls.append(("sample_unified", items, rows))
+    def sample_unified(self, items, rows, allowed=None):
+        self.calls.append(("sample_unified", items, rows, None if allowed is None else allowed.tolist()))
         return [len(items)]
     async def warmup(self):
         self.calls.append(("warmup",))
@@ -175,14 +182,18 @@ try:
 except FerrumError:
     pass
 assert ex.sample_unified(["a"], [None]) == [1]
+# A constrained step: the forward waits for its bitmask, then all of it runs everywhere.
+import numpy as np
+assert ex.collect(ex.launch_sampler(ex.launch_forward(["a", "b"]), [None, None], np.array([[5], [-1]], np.int32))) == [2]
 channel.stop()
 t.join(10)
-assert done["n"] == 5, done
+assert done["n"] == 6, done
+assert leader.calls[-1] == ("sample_unified", ["a", "b"], [None, None], [[5], [-1]]), leader.calls
 assert follower.calls == leader.calls, (follower.calls, leader.calls)
 assert follower_draft.calls == leader_draft.calls == [("new_kv_cache", "d")], follower_draft.calls
 from jax._src import distributed
 client = distributed.global_state.client
-assert client.key_value_dir_get_bytes("ferrum_jax/lockstep/") == [("ferrum_jax/lockstep/6", client.key_value_try_get_bytes("ferrum_jax/lockstep/6"))]
+assert client.key_value_dir_get_bytes("ferrum_jax/lockstep/") == [("ferrum_jax/lockstep/7", client.key_value_try_get_bytes("ferrum_jax/lockstep/7"))]
 print("ok")
 """
 

@@ -98,8 +98,19 @@ class LockstepExecutor:
             raise FerrumError.internal("a lockstep executor cannot feed a step from an earlier one on device")
         return self.__getattr__("sample_unified")(items, rows)
 
+    def launch_forward(self, items, feed=None):
+        """Defers the step (a constrained one: its bitmask is not known yet) to
+        `launch_sampler`, which runs all of it on every process."""
+        if feed is not None:
+            raise FerrumError.internal("a lockstep executor cannot feed a step from an earlier one on device")
+        return items
+
+    def launch_sampler(self, items, rows, allowed=None):
+        """`sample_unified` with the bitmask, on every process; returns its tokens."""
+        return self.__getattr__("sample_unified")(items, rows, allowed)
+
     def collect(self, launched):
-        """The tokens `launch_unified` already read."""
+        """The tokens `launch_unified` / `launch_sampler` already read."""
         return launched
 
     def __getattr__(self, attr: str):

@@ -329,14 +329,16 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         logits = self._execute(work, kind)
         return [lg[-1] if item.is_final_chunk else None for lg, item in zip(logits, batch.items)]
 
-    def sample_unified(self, items: list[UnifiedBatchItem], rows: list[SamplingRow]) -> list[SampledToken | None]:
+    def sample_unified(self, items: list[UnifiedBatchItem], rows: list[SamplingRow],
+                       allowed: np.ndarray | None = None) -> list[SampledToken | None]:
         """The engine's hot path: ONE forward over `items` that samples on device.
 
-        `rows` holds the sampling settings of the final items, in item order. Returns, per
-        item, the sampled token (final items) or None. Synchronous so the engine can run it
-        in a worker thread while its event loop keeps serving.
+        `rows` holds the sampling settings of the final items, in item order; `allowed` their
+        packed allowed-token bitmasks (see `launch_sampler`). Returns, per item, the sampled
+        token (final items) or None. Synchronous so the engine can run it in a worker thread
+        while its event loop keeps serving.
         """
-        return self.collect(self.launch_unified(items, rows))
+        return self.collect(self.launch_sampler(self.launch_forward(items), rows, allowed))
 
     def launch_unified(self, items: list[UnifiedBatchItem], rows: list[SamplingRow],
                        feed: tuple[LaunchedStep, list[tuple[int, int]]] | None = None) -> LaunchedStep:
