@@ -35,7 +35,8 @@ class RequestGrammar:
 
     @property
     def error(self) -> str | None:
-        return self._matcher.get_error() if self._matcher.is_error() else None
+        """The first line of llguidance's error (the rest is a parser state dump)."""
+        return self._matcher.get_error().splitlines()[0] if self._matcher.is_error() else None
 
     def allowed_ids(self, vocab_size: int) -> np.ndarray:
         """The token ids allowed next (for tests and debugging)."""
