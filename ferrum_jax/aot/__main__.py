@@ -36,6 +36,7 @@ from ferrum_jax.executor.program_plan import PROGRAM_FAMILIES, target_programs
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.param_tree import abstract_model, param_shardings, unflatten_into
+from ferrum_jax.models.quantization import Quantization
 from ferrum_jax.serve.settings import ServeSettings, parse_settings
 
 
@@ -67,12 +68,13 @@ def resolve_limits(s: ServeSettings, target: Target) -> Limits:
         num_pages=s.num_pages or default_num_pages(max_num_seqs, max_model_len, page_size),
         tensor_parallel_size=s.tensor_parallel_size or 1,
         attention=s.attention or "auto",
+        quantization=s.quantization,
     )
 
 
 def weight_bytes_per_device(cfg: ModelConfig, limits: Limits, devices: list) -> int:
     """The largest share of the parameters any one device holds."""
-    _, abstract = abstract_model(cfg, jnp.dtype(limits.dtype), limits.tensor_parallel_size)
+    _, abstract = abstract_model(cfg, jnp.dtype(limits.dtype), limits.tensor_parallel_size, Quantization.parse(limits.quantization))
     mesh = target_mesh(devices, limits.tensor_parallel_size)
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
     sizes = jax.tree.map(lambda a, sh: a.dtype.itemsize * _shard_elements(a.shape, sh), abstract, shardings)

@@ -30,6 +30,7 @@ from ferrum_jax.kv.pages import KvPages
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.models.param_tree import abstract_model, param_shardings, unflatten_into
+from ferrum_jax.models.quantization import Quantization
 from ferrum_jax.models.sharding import MESH_AXES, check_divisible, kv_rows, kv_spec
 from ferrum_jax.step.ragged_step import feed_sharding, make_ragged_step, make_sampler
 from ferrum_jax.step.sampling import sampling_probs
@@ -47,6 +48,7 @@ class Limits:
     num_pages: int
     tensor_parallel_size: int
     attention: str
+    quantization: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +97,7 @@ def kv_page_shape(cfg: ModelConfig, limits: Limits) -> tuple[int, int, int, int]
 def abstract_inputs(cfg: ModelConfig, limits: Limits, mesh: Mesh, backend: AttentionBackend, feed_rows: int):
     """(graphdef, ProgramInputs) of ShapeDtypeStructs sharded as a server would place them."""
     dtype = jnp.dtype(limits.dtype)
-    graphdef, abstract = abstract_model(cfg, dtype, limits.tensor_parallel_size)
+    graphdef, abstract = abstract_model(cfg, dtype, limits.tensor_parallel_size, Quantization.parse(limits.quantization))
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     kv_sharding = NamedSharding(mesh, kv_spec(limits.tensor_parallel_size))

@@ -69,6 +69,7 @@ from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.models.sharding import kv_rows, kv_spec, make_mesh
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.param_tree import state_nbytes
+from ferrum_jax.models.quantization import Quantization
 from ferrum_jax.step.ragged_step import feed_sharding, make_ragged_step, make_sampler
 from ferrum_jax.step.sampling import SamplingRow, bitmask_words, build_sampling_batch, sampling_probs
 
@@ -105,10 +106,12 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         hf_config: dict | None = None,
         mesh: Mesh | None = None,
         enable_prefix_caching: bool = True,
+        quantization: Quantization | None = None,
     ):
         """`state` must already be placed as `param_shardings(cfg, mesh)` says; the
         classmethods below do that. mesh None: one device. enable_prefix_caching: full KV
-        pages are named by their prefix and `match_prefix` finds them for a new sequence."""
+        pages are named by their prefix and `match_prefix` finds them for a new sequence.
+        quantization: how `state`'s linear weights are quantized (None: float)."""
         if page_size < 1:
             raise FerrumError.invalid_config(f"page_size={page_size}: must be >= 1")
         if max_sequence_length < 1:
@@ -117,6 +120,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self.cfg = cfg
         self.hf_config = hf_config
         self.dtype = dtype
+        self.quantization = quantization
         self.page_size = page_size
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
@@ -200,15 +204,18 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         max_num_batched_tokens: int | None = None,
         progress: bool = True,
         enable_prefix_caching: bool = True,
+        quantization: str | Quantization | None = None,
     ) -> "JaxModelExecutor":
         """Loads a HF directory (config.json + safetensors), a ferrum orbax checkpoint, or a GGUF
         file (or a directory holding one). `dtype` casts whatever the source holds; None is
-        float32 on CPU, bfloat16 on GPU/TPU."""
+        float32 on CPU, bfloat16 on GPU/TPU. quantization: "int8" / "int4" quantizes the linear
+        layers' weights on load (see models.quantization); a quantized orbax checkpoint
+        restores as it was saved."""
         from ferrum_jax.executor.loading import load_params
 
         mesh = make_mesh(tensor_parallel_size)
         dtype = dtype or default_dtype(mesh.devices.flat[0].platform)
-        loaded = load_params(Path(path), dtype, mesh, progress=progress)
+        loaded = load_params(Path(path), dtype, mesh, progress=progress, quant=Quantization.parse(quantization))
         return cls(
             loaded.cfg,
             loaded.graphdef,
@@ -224,6 +231,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             hf_config=loaded.hf_config,
             mesh=mesh,
             enable_prefix_caching=enable_prefix_caching,
+            quantization=loaded.quant,
         )
 
     @classmethod
@@ -246,8 +254,12 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
 
         mesh = make_mesh(options.pop("tensor_parallel_size", 1))
         dtype = options.pop("dtype", None) or default_dtype(mesh.devices.flat[0].platform)
-        graphdef, state = random_model(cfg, jnp.dtype(dtype), seed, mesh)
-        return cls(cfg, graphdef, state, model_id=model_id, dtype=dtype, hf_config=hf_config, mesh=mesh, **options)
+        quant = Quantization.parse(options.pop("quantization", None))
+        graphdef, state = random_model(cfg, jnp.dtype(dtype), seed, mesh, quant)
+        return cls(
+            cfg, graphdef, state, model_id=model_id, dtype=dtype, hf_config=hf_config, mesh=mesh, quantization=quant,
+            **options,
+        )
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Writes the converted parameters as a ferrum orbax checkpoint that
@@ -259,7 +271,9 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._check_live()
         if self.hf_config is None:
             raise FerrumError.unsupported("this executor was built from a ModelConfig alone: no HF config.json to save")
-        save_checkpoint(path, unpad(flatten_state(self._state), self.cfg.vocab_size), self.hf_config, self.dtype)
+        save_checkpoint(
+            path, unpad(flatten_state(self._state), self.cfg.vocab_size), self.hf_config, self.dtype, self.quantization
+        )
 
     # ------------------------------------------------------------------ interface
 

@@ -1,8 +1,9 @@
 """Parameters for `from_pretrained`: a HF directory, a ferrum orbax checkpoint, or a GGUF file.
 
 Whatever the source holds, the parameters arrive on device in the requested dtype: HF and GGUF
-tensors are converted on the host one at a time (GGUF ones dequantized to float32 first); an
-orbax checkpoint is restored in its stored dtype, shard by shard, and cast on device.
+tensors are converted on the host one at a time (GGUF ones dequantized to float32 first), and
+quantized there when a weight quantization is asked for; an orbax checkpoint is restored in its
+stored dtype, shard by shard, and cast on device (its quantized weights and scales as stored).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ferrum_jax.interfaces.errors import FerrumError
-from ferrum_jax.models.checkpoint import checkpoint_dtype, is_ferrum_checkpoint, restore_checkpoint
+from ferrum_jax.models.checkpoint import checkpoint_dtype, checkpoint_quantization, is_ferrum_checkpoint, restore_checkpoint
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.gguf_config import hf_config_from_gguf
 from ferrum_jax.models.gguf_file import find_gguf, open_gguf
 from ferrum_jax.models.gguf_weights import GGUFCheckpoint
 from ferrum_jax.models.param_tree import abstract_model, flatten_state, param_shardings, unflatten_into
+from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization
 from ferrum_jax.models.safetensors_reader import SafetensorsDir
 from ferrum_jax.models.vocab_padding import pad_to, unpadded_shape
 from ferrum_jax.models.weights import load_hf_params
@@ -36,6 +38,7 @@ class Loaded:
     graphdef: nnx.GraphDef
     state: nnx.State
     model_id: str
+    quant: Quantization | None = None
 
 
 def source_dtype(path: str | Path) -> str:
@@ -69,45 +72,55 @@ def hf_config_of(path: Path) -> dict:
     return json.loads(config_file.read_text())
 
 
-def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True) -> Loaded:
-    """Every parameter on device in `dtype`, placed shard by shard in its tensor-parallel
-    layout over `mesh`."""
+def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True, quant: Quantization | None = None) -> Loaded:
+    """Every parameter on device in `dtype` (linear weights quantized by `quant`), placed shard
+    by shard in its tensor-parallel layout over `mesh`."""
     hf_config = hf_config_of(path)
     gguf = find_gguf(path)
     if gguf is not None:
-        return _load_named(GGUFCheckpoint(open_gguf(gguf), hf_config), hf_config, dtype, mesh, progress, gguf.stem)
+        return _load_named(GGUFCheckpoint(open_gguf(gguf), hf_config), hf_config, dtype, mesh, progress, gguf.stem, quant)
     if is_ferrum_checkpoint(path):
-        return _restore(path, hf_config, dtype, mesh)
-    return _load_named(SafetensorsDir(path), hf_config, dtype, mesh, progress, path.name)
+        return _restore(path, hf_config, dtype, mesh, quant)
+    return _load_named(SafetensorsDir(path), hf_config, dtype, mesh, progress, path.name, quant)
 
 
-def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, model_id: str) -> Loaded:
+def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, model_id: str, quant) -> Loaded:
     cfg = ModelConfig.from_hf_dict(hf_config)
-    graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype), mesh.shape["model"])
+    graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype), mesh.shape["model"], quant)
     flat = load_hf_params(
         ckpt, flatten_state(abstract), param_shardings(cfg, mesh, abstract),
-        tied_embeddings=cfg.tie_word_embeddings, progress=progress, vocab_size=cfg.vocab_size,
+        tied_embeddings=cfg.tie_word_embeddings, progress=progress, vocab_size=cfg.vocab_size, quant=quant,
     )  # fmt: skip
-    return Loaded(cfg, hf_config, graphdef, unflatten_into(abstract, flat), model_id)
+    return Loaded(cfg, hf_config, graphdef, unflatten_into(abstract, flat), model_id, quant)
 
 
-def _restore(path: Path, hf_config: dict, dtype: str, mesh: Mesh) -> Loaded:
+def _restore(path: Path, hf_config: dict, dtype: str, mesh: Mesh, quant: Quantization | None) -> Loaded:
     cfg = ModelConfig.from_hf_dict(hf_config)
     stored = jnp.dtype(checkpoint_dtype(path))
-    graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype), mesh.shape["model"])
+    saved_quant = checkpoint_quantization(path)
+    if quant is not None and quant != saved_quant:
+        raise FerrumError.invalid_config(
+            f"checkpoint {path} holds {saved_quant.method if saved_quant else 'float'} weights; quantization={quant.method!r} "
+            "applies when converting from a float source (python -m ferrum_jax.convert --quantization)"
+        )
+    quant = saved_quant
+    graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype), mesh.shape["model"], quant)
     shardings = param_shardings(cfg, mesh, abstract)
     padded = {k: tuple(v.shape) for k, v in flatten_state(abstract).items()}
     # The checkpoint holds the real vocabulary, which a tensor-parallel degree that does not
     # divide it cannot split: such tensors restore whole on every device, then pad and split.
     replicated = NamedSharding(mesh, PartitionSpec())
+    # Quantized weights and their scales restore as stored; the float leaves in `stored`.
+    kept = {k: v.dtype for k, v in flatten_state(abstract).items() if k.endswith(SCALE_SUFFIX) or k + SCALE_SUFFIX in padded}
     target = {}
     for k, shape in padded.items():
         real = unpadded_shape(k, shape, cfg.vocab_size)
-        target[k] = jax.ShapeDtypeStruct(real, stored, sharding=shardings[k] if real == shape else replicated)
+        target[k] = jax.ShapeDtypeStruct(real, kept.get(k, stored), sharding=shardings[k] if real == shape else replicated)
     flat = {k: pad_to(v, padded[k], shardings[k]) for k, v in restore_checkpoint(path, target).items()}
     want = jnp.dtype(dtype)
     if want != stored:
         # One leaf at a time, so at most one extra tensor is alive during the cast.
         for k in list(flat):
-            flat[k] = flat[k].astype(want)
-    return Loaded(cfg, hf_config, graphdef, unflatten_into(abstract, flat), path.name)
+            if k not in kept:
+                flat[k] = flat[k].astype(want)
+    return Loaded(cfg, hf_config, graphdef, unflatten_into(abstract, flat), path.name, quant)

@@ -15,18 +15,20 @@ from flax import nnx
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.norm import RMSNorm
 from ferrum_jax.models.paged_attention import AttentionBackend, AttentionMetadata, write_and_attend
-from ferrum_jax.models.params import bias_param, weight_param
+from ferrum_jax.models.params import bias_param
+from ferrum_jax.models.quantization import Quantization, linear_param, linear_weight
 from ferrum_jax.models.rope import apply_rope
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: Quantization | None = None):
         d, hq, hk, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hk, hd
-        self.wq = weight_param(rngs, (d, hq, hd), d, dtype)
-        self.wk = weight_param(rngs, (d, hk, hd), d, dtype)
-        self.wv = weight_param(rngs, (d, hk, hd), d, dtype)
-        self.wo = weight_param(rngs, (hq, hd, d), hq * hd, dtype)
+        self.dtype = dtype
+        self.wq, self.wq_scale = linear_param(rngs, (d, hq, hd), 1, dtype, quant)
+        self.wk, self.wk_scale = linear_param(rngs, (d, hk, hd), 1, dtype, quant)
+        self.wv, self.wv_scale = linear_param(rngs, (d, hk, hd), 1, dtype, quant)
+        self.wo, self.wo_scale = linear_param(rngs, (hq, hd, d), 2, dtype, quant)
         self.bq = bias_param((hq, hd), dtype) if cfg.qkv_bias else None
         self.bk = bias_param((hk, hd), dtype) if cfg.qkv_bias else None
         self.bv = bias_param((hk, hd), dtype) if cfg.qkv_bias else None
@@ -49,9 +51,9 @@ class Attention(nnx.Module):
 
         `meta` addresses this layer's pages (`paged_attention.for_layer`). The window is a call
         argument, not module state, because one module instance serves a whole stack of layers."""
-        q_tnh = jnp.einsum("td,dnh->tnh", x_td, self.wq[...])
-        k_tkh = jnp.einsum("td,dkh->tkh", x_td, self.wk[...])
-        v_tkh = jnp.einsum("td,dkh->tkh", x_td, self.wv[...])
+        q_tnh = jnp.einsum("td,dnh->tnh", x_td, linear_weight(self.wq, self.wq_scale, 1, self.dtype))
+        k_tkh = jnp.einsum("td,dkh->tkh", x_td, linear_weight(self.wk, self.wk_scale, 1, self.dtype))
+        v_tkh = jnp.einsum("td,dkh->tkh", x_td, linear_weight(self.wv, self.wv_scale, 1, self.dtype))
         if self.bq is not None:
             q_tnh, k_tkh, v_tkh = q_tnh + self.bq[...], k_tkh + self.bk[...], v_tkh + self.bv[...]
         if self.q_norm is not None:
@@ -72,7 +74,8 @@ class Attention(nnx.Module):
         # One contraction over heads * head_dim: contracting (n, h) as two axes made XLA:CPU
         # write a relaid-out copy of wo on every step.
         t, n, h = attn_tnh.shape
-        out_td = jnp.einsum("tk,kd->td", attn_tnh.reshape(t, n * h), self.wo[...].reshape(n * h, -1))
+        wo = linear_weight(self.wo, self.wo_scale, 2, self.dtype)
+        out_td = jnp.einsum("tk,kd->td", attn_tnh.reshape(t, n * h), wo.reshape(n * h, -1))
         if self.bo is not None:
             out_td = out_td + self.bo[...]
         return out_td, k_pages, v_pages

@@ -27,16 +27,16 @@ from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.mlp import MLP
 from ferrum_jax.models.norm import RMSNorm
 from ferrum_jax.models.paged_attention import AttentionBackend, AttentionMetadata, for_layer
-from ferrum_jax.models.params import weight_param
+from ferrum_jax.models.quantization import Quantization, linear_param, linear_weight
 from ferrum_jax.models.rope import inverse_frequencies, rope_cos_sin
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: Quantization | None = None):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs, quant=quant)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, quant=quant)
 
     def __call__(self, h_td, cos_td, sin_td, k_pages, v_pages, meta, backend, sliding_window):
         attn_td, k_pages, v_pages = self.attn(
@@ -58,10 +58,15 @@ def window_runs(windows: tuple[int | None, ...]) -> list[tuple[int, int, int | N
 
 
 class CausalLM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, vocab_rows: int | None = None):
+    def __init__(
+        self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, vocab_rows: int | None = None,
+        quant: Quantization | None = None,
+    ):
         """vocab_rows: the embedding's and lm_head's vocabulary axis, the vocabulary padded for
-        tensor parallelism (see vocab_padding); None: the vocabulary itself."""
+        tensor parallelism (see vocab_padding); None: the vocabulary itself. quant: weight-only
+        quantization of the linear layers (see quantization)."""
         self.cfg = cfg
+        self.dtype = dtype
         vocab_rows = vocab_rows or cfg.vocab_size
         # A tuple, not an array: NNX keeps it in the (hashable) graphdef as static data.
         self.inv_freq = tuple(float(f) for f in inverse_frequencies(cfg.rope, cfg.head_dim))
@@ -72,12 +77,12 @@ class CausalLM(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def stacked_layers(rngs):
-            return DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+            return DecoderLayer(cfg, dtype=dtype, rngs=rngs, quant=quant)
 
         self.layers = stacked_layers(rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.lm_head = (
-            None if cfg.tie_word_embeddings else weight_param(rngs, (cfg.hidden_size, vocab_rows), cfg.hidden_size, dtype)
+        self.lm_head, self.lm_head_scale = (
+            (None, None) if cfg.tie_word_embeddings else linear_param(rngs, (cfg.hidden_size, vocab_rows), 1, dtype, quant)
         )
 
     def __call__(
@@ -117,7 +122,8 @@ class CausalLM(nnx.Module):
             # write a transposed copy of the whole table on every step.
             logits_lv = jnp.einsum("ld,vd->lv", h_ld, self.embed[...], preferred_element_type=jnp.float32)
         else:
-            logits_lv = jnp.einsum("ld,dv->lv", h_ld, self.lm_head[...], preferred_element_type=jnp.float32)
+            lm_head = linear_weight(self.lm_head, self.lm_head_scale, 1, self.dtype)
+            logits_lv = jnp.einsum("ld,dv->lv", h_ld, lm_head, preferred_element_type=jnp.float32)
         # Padding columns of a vocabulary padded for tensor parallelism are never a token.
         logits_lv = logits_lv[:, : self.cfg.vocab_size]
         chex.assert_shape(logits_lv, (logits_indices_l.shape[0], self.cfg.vocab_size))

@@ -1,7 +1,8 @@
 """Converted parameters saved and restored with orbax-checkpoint.
 
 A ferrum checkpoint directory holds `config.json` (the HF config it came from),
-`ferrum_checkpoint.json` (marker + dtype) and `params/` (an orbax PyTree of the flat
+`ferrum_checkpoint.json` (marker, dtype, and the weight quantization if any: its integer
+weights and float32 scales are stored as they are) and `params/` (an orbax PyTree of the flat
 parameter dict). Restoring takes the target abstract arrays — with their shardings — so
 each device reads only its own shard.
 
@@ -20,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.models.quantization import Quantization
 
 MARKER = "ferrum_checkpoint.json"
 FORMAT = 2
@@ -29,7 +31,9 @@ def is_ferrum_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def save_checkpoint(path: str | Path, flat_params: dict[str, jax.Array], hf_config: dict, dtype: str) -> None:
+def save_checkpoint(
+    path: str | Path, flat_params: dict[str, jax.Array], hf_config: dict, dtype: str, quant: Quantization | None = None
+) -> None:
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     if (path / "params").exists():
@@ -37,11 +41,19 @@ def save_checkpoint(path: str | Path, flat_params: dict[str, jax.Array], hf_conf
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "params", flat_params)
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (path / MARKER).write_text(json.dumps({"format": FORMAT, "dtype": dtype}))
+    marker = {"format": FORMAT, "dtype": dtype}
+    if quant is not None:
+        marker["quantization"] = {"method": quant.method, "group_size": quant.group_size}
+    (path / MARKER).write_text(json.dumps(marker))
 
 
 def checkpoint_dtype(path: str | Path) -> str:
     return json.loads((Path(path) / MARKER).read_text())["dtype"]
+
+
+def checkpoint_quantization(path: str | Path) -> Quantization | None:
+    stored = json.loads((Path(path) / MARKER).read_text()).get("quantization")
+    return None if stored is None else Quantization(**stored)
 
 
 def restore_checkpoint(path: str | Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:

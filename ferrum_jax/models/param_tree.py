@@ -7,21 +7,22 @@ and what sharding rules match, so one conversion serves all three.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from ferrum_jax.models.causal_lm import CausalLM
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization, float_shape, input_axes, quantize
 from ferrum_jax.models.sharding import named, param_specs
 from ferrum_jax.models.vocab_padding import pad_zeros, padded_vocab
 
 
-def abstract_model(cfg: ModelConfig, dtype, tp: int = 1) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(cfg: ModelConfig, dtype, tp: int = 1, quant: Quantization | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """graphdef and an abstract state (ShapeDtypeStructs) for tensor parallelism `tp` (which
-    pads the vocabulary, see vocab_padding): no parameter memory is touched."""
+    pads the vocabulary, see vocab_padding) and weight quantization `quant`: no parameter
+    memory is touched."""
     rows = padded_vocab(cfg.vocab_size, tp)
-    model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0), vocab_rows=rows))
+    model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0), vocab_rows=rows, quant=quant))
     return nnx.split(model)
 
 
@@ -31,15 +32,18 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, abstract_state: nnx.State) -> 
     return named(mesh, param_specs(cfg, mesh.shape["model"], paths))
 
 
-def random_model(cfg: ModelConfig, dtype, seed: int, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
+def random_model(cfg: ModelConfig, dtype, seed: int, mesh: Mesh, quant: Quantization | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """Seeded random weights, each parameter created directly in its sharded layout. The values
-    do not depend on the mesh: a padded vocabulary's rows are zeros after the seeded ones."""
-    graphdef, abstract = abstract_model(cfg, dtype, mesh.shape["model"])
+    do not depend on the mesh: a padded vocabulary's rows are zeros after the seeded ones.
+    Quantized, they are the quantization of the float model of the same seed."""
+    graphdef, abstract = abstract_model(cfg, dtype, mesh.shape["model"], quant)
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
     padded = {k: v.shape for k, v in flatten_state(abstract).items()}
 
     def make():
         flat = flatten_state(nnx.split(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))[1])
+        if quant is not None:
+            flat = quantize_flat(flat, padded, quant)
         return unflatten_into(abstract, {k: pad_zeros(v, padded[k]) for k, v in flat.items()})
 
     return graphdef, jax.jit(make, out_shardings=shardings)()
@@ -73,5 +77,18 @@ def unflatten_into(abstract_state: nnx.State, flat: dict[str, jax.Array]) -> nnx
     return state
 
 
+def quantize_flat(flat: dict[str, jax.Array], padded: dict[str, tuple], quant: Quantization) -> dict[str, jax.Array]:
+    """A float flat state's linear weights quantized (in a program); padded vocabularies are
+    padded first, as the quantized layout expects."""
+    out = dict(flat)
+    for path in flat:
+        if path + SCALE_SUFFIX in padded:
+            w = pad_zeros(flat[path], float_shape(padded[path], padded[path + SCALE_SUFFIX]))
+            quantizer = lambda x: quantize(x, input_axes(path), quant)  # noqa: E731
+            out[path], out[path + SCALE_SUFFIX] = jax.vmap(quantizer)(w) if path.startswith("layers.") else quantizer(w)
+    return out
+
+
 def state_nbytes(state: nnx.State) -> int:
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+    """Parameter bytes as stored (packed int4 included)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))

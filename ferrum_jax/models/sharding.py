@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.quantization import SCALE_SUFFIX, input_axes, scale_spec
 
 MESH_AXES = ("data", "model")
 
@@ -58,8 +59,9 @@ def check_divisible(cfg: ModelConfig, tp: int) -> None:
     kv_heads_sharded(cfg, tp)
 
 
-def param_specs(cfg: ModelConfig, tp: int, paths) -> dict[str, P]:
-    """PartitionSpec of every flat parameter path (see param_tree)."""
+def param_specs(cfg: ModelConfig, tp: int, params: dict) -> dict[str, P]:
+    """PartitionSpec of every flat parameter path (see param_tree) -> array or ShapeDtypeStruct.
+    A quantized weight's `_scale` follows its weight (quantization.scale_spec)."""
     check_divisible(cfg, tp)
     kv = "model" if kv_heads_sharded(cfg, tp) else None
     rules = [
@@ -75,15 +77,20 @@ def param_specs(cfg: ModelConfig, tp: int, paths) -> dict[str, P]:
         (r".*\.mlp\.down", P("model", None)),
         (r".*(norm\.weight|\.attn\.bo|\.mlp\.down_bias)", P()),
     ]
-    specs = {}
-    for path in paths:
+    def layer_spec(path: str) -> P:
+        if path.endswith(SCALE_SUFFIX):
+            weight = path.removesuffix(SCALE_SUFFIX)
+            n_in = input_axes(weight)
+            stacked = path.startswith("layers.")
+            n_out = len(params[weight].shape) - n_in - stacked
+            grouped = len(params[path].shape) - stacked > n_out  # int4: [groups, 2, out...]
+            return scale_spec(layer_spec(weight), n_in, params[path].shape[stacked] if grouped else None, tp)
         for pattern, spec in rules:
             if re.fullmatch(pattern, path):
-                specs[path] = P(None, *spec) if path.startswith("layers.") else spec
-                break
-        else:
-            raise FerrumError.internal(f"no sharding rule for parameter {path}")
-    return specs
+                return spec
+        raise FerrumError.internal(f"no sharding rule for parameter {path}")
+
+    return {path: P(None, *layer_spec(path)) if path.startswith("layers.") else layer_spec(path) for path in params}
 
 
 def kv_rows(cfg: ModelConfig, tp: int) -> int:

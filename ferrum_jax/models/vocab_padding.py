@@ -15,8 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# The vocabulary axis of each vocabulary-sized parameter (flat paths, see param_tree).
-VOCAB_AXIS = {"embed": 0, "lm_head": 1}
+# The vocabulary axis of each vocabulary-sized parameter (flat paths, see param_tree); a
+# quantized lm_head's scales, `[vocab]` or `[groups, vocab]`, end with it too.
+VOCAB_AXIS = {"embed": 0, "lm_head": -1, "lm_head_scale": -1}
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
@@ -35,7 +36,7 @@ def unpadded_shape(path: str, shape: tuple[int, ...], vocab_size: int) -> tuple[
 def unpad(flat: dict[str, jax.Array], vocab_size: int) -> dict[str, jax.Array]:
     """The parameters with the padding rows cut off (what a checkpoint stores)."""
     return {
-        k: jax.lax.slice_in_dim(v, 0, vocab_size, axis=VOCAB_AXIS[k]) if k in VOCAB_AXIS else v
+        k: jax.lax.slice_in_dim(v, 0, vocab_size, axis=VOCAB_AXIS[k] % v.ndim) if k in VOCAB_AXIS else v
         for k, v in flat.items()
     }
 

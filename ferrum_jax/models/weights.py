@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization, float_shape, input_axes, quantize
 from ferrum_jax.models.vocab_padding import unpadded_shape
 
 # HF layouts are torch Linear [out, in]; ours are [in, ...heads, head_dim] / [heads, head_dim, out].
@@ -87,12 +88,15 @@ def load_hf_params(
     tied_embeddings: bool = False,
     progress: bool = True,
     vocab_size: int | None = None,
+    quant: Quantization | None = None,
 ) -> dict[str, jax.Array]:
     """Reads a checkpoint into `{param path: device array}` matching `expected` exactly.
 
     expected: our flat parameter paths -> abstract shape/dtype (from the model's eval_shape).
     vocab_size: the real vocabulary when `expected` pads it for tensor parallelism; the
     checkpoint holds that many rows and the padding is zeros (see vocab_padding).
+    quant: the quantization `expected` was built with; each weight with a `_scale` beside it
+    is converted to float32 and quantized on the host, one layer at a time.
     """
     plan: dict[str, dict[int | None, tuple[str, _Transform]]] = {}
     unexpected, misshaped, misshaped_targets = [], [], set()
@@ -104,7 +108,7 @@ def load_hf_params(
             unexpected.append(name)
             continue
         target, layer, transform = found
-        shape = _checkpoint_shape(target, expected[target].shape, vocab_size)
+        shape = _checkpoint_shape(target, _float_shape(target, expected), vocab_size)
         if layer is not None and layer >= shape[0]:
             unexpected.append(name)
             continue
@@ -116,6 +120,8 @@ def load_hf_params(
         plan.setdefault(target, {})[layer] = (name, transform)
     missing = []
     for target, spec in sorted(expected.items()):
+        if target.endswith(SCALE_SUFFIX):  # derived from its weight
+            continue
         layers = range(spec.shape[0]) if target.startswith("layers.") else [None]
         missing += [
             target if layer is None else f"{target}[{layer}]"
@@ -136,13 +142,41 @@ def load_hf_params(
     with tqdm(total=sum(map(len, plan.values())), desc="loading weights", unit="tensor", disable=not progress) as bar:
         for target in sorted(plan):
             spec = expected[target]
-            stored = _checkpoint_shape(target, spec.shape, vocab_size)
-            host = (np.empty if stored == tuple(spec.shape) else np.zeros)(spec.shape, spec.dtype)
+            shape = _float_shape(target, expected)
+            stored = _checkpoint_shape(target, shape, vocab_size)
+            scale_spec = expected.get(target + SCALE_SUFFIX)
+            host_dtype = np.float32 if scale_spec is not None else spec.dtype
+            host = (np.empty if stored == tuple(shape) else np.zeros)(shape, host_dtype)
             region = host[tuple(slice(0, n) for n in stored)]
             for layer, (name, transform) in plan[target].items():
                 dst = region if layer is None else region[layer]
                 dst[...] = transform[1](ckpt.read(name), dst.shape)
                 bar.update()
-            sharding = shardings.get(target) if shardings else None
-            out[target] = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+            arrays = {target: host}
+            if scale_spec is not None:
+                arrays = _quantized(target, host, scale_spec, quant)
+            for path, array in arrays.items():
+                sharding = shardings.get(path) if shardings else None
+                out[path] = jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
     return out
+
+
+def _float_shape(target: str, expected: dict) -> tuple:
+    """The float shape of `target` (a quantized int4 weight is stored packed)."""
+    scale = expected.get(target + SCALE_SUFFIX)
+    return tuple(expected[target].shape) if scale is None else float_shape(expected[target].shape, scale.shape)
+
+
+def _quantized(target: str, host: np.ndarray, scale_spec, quant: Quantization | None) -> dict[str, np.ndarray]:
+    """A float weight quantized layer by layer: {target: integers, target_scale: scales}."""
+    if quant is None:
+        raise FerrumError.internal(f"{target} expects a quantized weight but no quantization was given")
+    n_in = input_axes(target)
+    if not target.startswith("layers."):
+        ints, scale = quantize(host, n_in, quant, xp=np)
+        return {target: ints, target + SCALE_SUFFIX: scale}
+    ints = np.empty(quant.stored_shape(host.shape), np.uint8 if quant.packed else np.int8)
+    scales = np.empty(scale_spec.shape, np.float32)
+    for layer in range(host.shape[0]):
+        ints[layer], scales[layer] = quantize(host[layer], n_in, quant, xp=np)
+    return {target: ints, target + SCALE_SUFFIX: scales}

@@ -101,6 +101,7 @@ def build_executor(s: ServeSettings):
             "attention": s.attention,
             "tensor_parallel_size": s.tensor_parallel_size,
             "enable_prefix_caching": s.enable_prefix_caching,
+            "quantization": s.quantization,
         }.items()
         if v is not None
     }

@@ -29,6 +29,7 @@ _DTYPES = {"auto": None, "half": "float16", "float16": "float16", "bfloat16": "b
 
 SPECULATIVE_METHODS = ("ngram", "draft")
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+QUANTIZATION_METHODS = ("int8", "int4")  # models.quantization.METHODS, without importing jax here
 # Draft tokens per step when a method is given without --num-speculative-tokens: enough to
 # pay off on repetitive text, few enough that a rejection early in the run wastes little.
 DEFAULT_SPECULATIVE_TOKENS = 4
@@ -62,6 +63,7 @@ class ServeSettings:
     attention: str = "auto"
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
+    quantization: str | None = None  # "int8" | "int4": weight-only quantization on load; None: as stored
     enable_auto_tool_choice: bool = False  # tool_choice "auto": parse the reply's tool calls
     tool_call_parser: str | None = None  # how tool calls are written: "hermes" | "llama3_json"
     seed: int = 0
@@ -184,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         help="reuse the KV of prompt prefixes already computed (default on)",
+    )
+    p.add_argument(
+        "--quantization", choices=QUANTIZATION_METHODS,
+        help="quantize the linear layers' weights on load: int8 (per output channel) or int4 (groups of 128)",
     )
     p.add_argument(
         "--enable-auto-tool-choice", action="store_const", const=True,
