@@ -88,6 +88,25 @@ def test_llama3_70b_tp8_has_two_all_reduces_per_layer(tmp_path):
 
 
 @needs_tpu
+@pytest.mark.parametrize("quantization, fits", [("int8", True), (None, False)])
+def test_llama3_70b_fits_a_v5e_8_in_int8_and_not_in_bfloat16(tmp_path, quantization, fits):
+    """16 GiB chips: bfloat16 weights alone are 17.6 GB a chip; int8 ones (+ the bfloat16
+    embedding and per-channel scales) 9.0 GB, leaving room for thousands of KV pages."""
+    flags = ["--quantization", quantization] if quantization else []
+    code, report, _ = aot(
+        tmp_path, "--target", "tpu-v5e-8", "--model", LLAMA_70B, "--tensor-parallel-size", "8", "--max-model-len", "8192",
+        "--max-num-seqs", "1", "--max-num-batched-tokens", "16", "--num-pages", "4096", "--programs", "logits_last", *flags,
+    )  # fmt: skip
+    assert report["fits"] is fits and code == (0 if fits else 1), report
+    if fits:
+        assert 8.5e9 < report["weight_bytes_per_device"] < 9.5e9 and report["max_num_pages"] > 10000
+        assert report["kv_pool_copies"] == 0
+        # The integer weights are dequantized inside the matmuls: nothing beyond weights, pool
+        # and a few MB of activations is live at the peak.
+        assert report["peak_bytes_per_device"] - report["weight_bytes_per_device"] - report["kv_pool_bytes_per_device"] < 0.1e9
+
+
+@needs_tpu
 def test_an_oversized_config_is_reported_as_not_fitting(tmp_path):
     # 16384 pages of Llama-3-8B are 64 GiB of KV next to 15 GiB of weights; a v6e has 32 GiB.
     code, report, _ = aot(tmp_path, "--target", "tpu-v6e-1", "--model", LLAMA_8B, *SMALL, "--num-pages", "16384")

@@ -22,22 +22,21 @@ LIMITS = dict(dtype="float32", max_batch_size=2, max_sequence_length=128, max_nu
 TEXT = Path(__file__).parent / "data" / "perplexity_text.txt"
 
 
-def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """int4 pairs from bytes, low nibble first, unsigned."""
-    b = packed.astype(np.uint8)
-    return np.stack([b & 0xF, b >> 4], axis=-1).reshape(*b.shape[:-1], 2 * b.shape[-1]).astype(np.int16)
+def unpack_groups(packed: np.ndarray, n_in: int, groups: int) -> np.ndarray:
+    """int4 values `[groups, group, out...]` from bytes: each group's first half in the low
+    nibbles, its second half in the high ones."""
+    b = packed.astype(np.uint8).reshape(groups, -1, *packed.shape[n_in:])
+    return np.concatenate([b & 0xF, b >> 4], axis=1).astype(np.int16)
 
 
 def numpy_dequantize(ints: np.ndarray, scale: np.ndarray, n_in: int) -> np.ndarray:
-    """The oracle: int8 per output channel; int4 affine over groups of consecutive flattened
-    input rows, scale[:, 0] the step and scale[:, 1] the offset of each group."""
+    """The oracle: int8 per output channel; int4 affine over groups of consecutive rows of the
+    last input axis, scale[:, 0] the step and scale[:, 1] the offset of each group."""
     if ints.dtype == np.int8:
         return ints.astype(np.float32) * scale
-    values = unpack_nibbles(ints)
-    k = math.prod(values.shape[:n_in])
-    g = scale.shape[0]
-    grouped = values.reshape(g, k // g, *values.shape[n_in:])
-    return (grouped * scale[:, 0][:, None] + scale[:, 1][:, None]).reshape(values.shape).astype(np.float32)
+    values = unpack_groups(ints, n_in, scale.shape[0])
+    shape = (*ints.shape[: n_in - 1], 2 * ints.shape[n_in - 1], *ints.shape[n_in:])
+    return (values * scale[:, 0][:, None] + scale[:, 1][:, None]).reshape(shape).astype(np.float32)
 
 
 @pytest.mark.parametrize("shape, n_in", [((256, 4, 32), 1), ((4, 64, 96), 2), ((192, 48), 1)])
@@ -51,17 +50,18 @@ def test_int8_is_symmetric_per_output_channel(shape, n_in):
     assert np.abs(ints - w / scale).max() <= 0.5 + 1e-4
 
 
-@pytest.mark.parametrize("shape, n_in", [((256, 4, 32), 1), ((4, 64, 96), 2), ((192, 48), 1)])
-def test_int4_is_affine_per_group_and_packed(shape, n_in):
+@pytest.mark.parametrize("shape, n_in, group", [((256, 4, 32), 1, 128), ((4, 64, 96), 2, 64), ((192, 48), 1, 64)])
+def test_int4_is_affine_per_group_and_packed(shape, n_in, group):
+    """group: 128 halved until it divides the last input axis (64 rows of a head; 192)."""
     w = np.random.default_rng(1).normal(size=shape).astype(np.float32)
     ints, scale = (np.asarray(a) for a in jax.jit(lambda x: quantize(x, n_in, Quantization("int4")))(w))
     k = math.prod(shape[:n_in])
-    g = 128 if k % 128 == 0 else 64  # 192 rows: groups of 128 halve to 64
-    wg = w.reshape(k // g, g, *shape[n_in:])
+    wg = w.reshape(k // group, group, *shape[n_in:])
     np.testing.assert_allclose(scale[:, 0], (wg.max(1) - wg.min(1)) / 15, rtol=1e-5)
     np.testing.assert_allclose(scale[:, 1], wg.min(1), rtol=1e-6)
-    assert ints.dtype == np.uint8 and ints.shape == (*shape[:-1], shape[-1] // 2)  # two per byte
-    values = unpack_nibbles(ints).reshape(wg.shape)
+    # Two per byte: the last input axis is halved.
+    assert ints.dtype == np.uint8 and ints.shape == (*shape[: n_in - 1], shape[n_in - 1] // 2, *shape[n_in:])
+    values = unpack_groups(ints, n_in, k // group)
     assert values.min() >= 0 and values.max() <= 15
     exact = (wg - scale[:, 1][:, None]) / scale[:, 0][:, None]
     assert np.abs(values - exact).max() <= 0.5 + 1e-3

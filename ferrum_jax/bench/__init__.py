@@ -6,6 +6,7 @@
     serve-vs-vllm   serve_vs_vllm.py the server vs vLLM's CPU build, same weights and workload
     prefix-cache    prefix_cache.py  a shared-system-prompt workload, caching on/off, vs vLLM CPU
     structured      structured.py    json_schema batch vs unconstrained, bitmask fill and schema compile time
+    quant           quant.py         float32 / int8 / int4 weights: decode tok/s at batch 1 and 8, bytes, memory
     spec            spec.py          n-gram speculation vs plain decoding
     tp              tp.py            tensor-parallel overhead on fake CPU devices
     startup         startup.py       default model load and time to a healthy server

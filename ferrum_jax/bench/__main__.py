@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "serve-vs-vllm": "serve_vs_vllm",
     "prefix-cache": "prefix_cache",
     "structured": "structured",
+    "quant": "quant",
     "spec": "spec",
     "tp": "tp",
     "startup": "startup",

@@ -3,7 +3,7 @@
     python -m ferrum_jax.bench hlo --max-seq 512 --out step.hlo
     python ../shared/perf/hlo_bytes.py step.hlo
 
-SmolLM2-135M-Instruct in float32, `max_batch_size` 8, one sequence after a 40-token prompt
+SmolLM2-135M-Instruct in float32 (`--quantization int8|int4`: quantized weights), `max_batch_size` 8, one sequence after a 40-token prompt
 decoding one token: the step program `build_ragged_batch` picks for it is lowered, compiled,
 written as HLO text, and its `cost_analysis()` flops and bytes accessed are printed.
 """
@@ -20,13 +20,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m ferrum_jax.bench hlo", description=__doc__.split("\n")[0])
     p.add_argument("--max-seq", type=int, default=512, help="executor max_sequence_length")
     p.add_argument("--out", default="step.hlo", help="where the HLO text goes")
+    p.add_argument("--quantization", choices=["int8", "int4"], help="quantized weights (default float32)")
     args = p.parse_args(argv)
 
     import ferrum_jax as fj
     from ferrum_jax.batch.ragged import SequenceChunk, build_ragged_batch
 
     ex = fj.JaxModelExecutor.from_pretrained(
-        fj.default_model_path(), dtype="float32", max_batch_size=8, max_sequence_length=args.max_seq, progress=False
+        fj.default_model_path(), dtype="float32", max_batch_size=8, max_sequence_length=args.max_seq, progress=False,
+        quantization=args.quantization,
     )
     prompt = asyncio.run(ex.prefill(fj.PrefillInput(input_ids=np.arange(1, 41, dtype=np.int32)[None])))
     pages = list(prompt.kv_cache.page_ids)  # position 40 still falls in the prompt's last page

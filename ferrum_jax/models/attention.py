@@ -9,14 +9,13 @@ head axis directly.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.norm import RMSNorm
 from ferrum_jax.models.paged_attention import AttentionBackend, AttentionMetadata, write_and_attend
 from ferrum_jax.models.params import bias_param
-from ferrum_jax.models.quantization import Quantization, linear_param, linear_weight
+from ferrum_jax.models.quantization import Quantization, linear_param, project
 from ferrum_jax.models.rope import apply_rope
 
 
@@ -51,9 +50,9 @@ class Attention(nnx.Module):
 
         `meta` addresses this layer's pages (`paged_attention.for_layer`). The window is a call
         argument, not module state, because one module instance serves a whole stack of layers."""
-        q_tnh = jnp.einsum("td,dnh->tnh", x_td, linear_weight(self.wq, self.wq_scale, 1, self.dtype))
-        k_tkh = jnp.einsum("td,dkh->tkh", x_td, linear_weight(self.wk, self.wk_scale, 1, self.dtype))
-        v_tkh = jnp.einsum("td,dkh->tkh", x_td, linear_weight(self.wv, self.wv_scale, 1, self.dtype))
+        q_tnh = project(x_td, self.wq, self.wq_scale, 1, self.dtype)
+        k_tkh = project(x_td, self.wk, self.wk_scale, 1, self.dtype)
+        v_tkh = project(x_td, self.wv, self.wv_scale, 1, self.dtype)
         if self.bq is not None:
             q_tnh, k_tkh, v_tkh = q_tnh + self.bq[...], k_tkh + self.bk[...], v_tkh + self.bv[...]
         if self.q_norm is not None:
@@ -74,8 +73,7 @@ class Attention(nnx.Module):
         # One contraction over heads * head_dim: contracting (n, h) as two axes made XLA:CPU
         # write a relaid-out copy of wo on every step.
         t, n, h = attn_tnh.shape
-        wo = linear_weight(self.wo, self.wo_scale, 2, self.dtype)
-        out_td = jnp.einsum("tk,kd->td", attn_tnh.reshape(t, n * h), wo.reshape(n * h, -1))
+        out_td = project(attn_tnh.reshape(t, n * h), self.wo, self.wo_scale, 2, self.dtype)
         if self.bo is not None:
             out_td = out_td + self.bo[...]
         return out_td, k_pages, v_pages

@@ -27,7 +27,7 @@ from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.mlp import MLP
 from ferrum_jax.models.norm import RMSNorm
 from ferrum_jax.models.paged_attention import AttentionBackend, AttentionMetadata, for_layer
-from ferrum_jax.models.quantization import Quantization, linear_param, linear_weight
+from ferrum_jax.models.quantization import Quantization, linear_param, project
 from ferrum_jax.models.rope import inverse_frequencies, rope_cos_sin
 
 
@@ -122,8 +122,7 @@ class CausalLM(nnx.Module):
             # write a transposed copy of the whole table on every step.
             logits_lv = jnp.einsum("ld,vd->lv", h_ld, self.embed[...], preferred_element_type=jnp.float32)
         else:
-            lm_head = linear_weight(self.lm_head, self.lm_head_scale, 1, self.dtype)
-            logits_lv = jnp.einsum("ld,dv->lv", h_ld, lm_head, preferred_element_type=jnp.float32)
+            logits_lv = project(h_ld, self.lm_head, self.lm_head_scale, 1, self.dtype, out_dtype=jnp.float32)
         # Padding columns of a vocabulary padded for tensor parallelism are never a token.
         logits_lv = logits_lv[:, : self.cfg.vocab_size]
         chex.assert_shape(logits_lv, (logits_indices_l.shape[0], self.cfg.vocab_size))

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.params import bias_param
-from ferrum_jax.models.quantization import Quantization, linear_param, linear_weight
+from ferrum_jax.models.quantization import Quantization, linear_param, project
 
 
 class MLP(nnx.Module):
@@ -26,12 +25,12 @@ class MLP(nnx.Module):
         self.down_bias = bias_param((d,), dtype) if cfg.mlp_bias else None
 
     def __call__(self, x_td: jax.Array) -> jax.Array:
-        gate_tf = jnp.einsum("td,df->tf", x_td, linear_weight(self.gate, self.gate_scale, 1, self.dtype))
-        up_tf = jnp.einsum("td,df->tf", x_td, linear_weight(self.up, self.up_scale, 1, self.dtype))
+        gate_tf = project(x_td, self.gate, self.gate_scale, 1, self.dtype)
+        up_tf = project(x_td, self.up, self.up_scale, 1, self.dtype)
         if self.gate_bias is not None:
             gate_tf = gate_tf + self.gate_bias[...]
             up_tf = up_tf + self.up_bias[...]
-        out_td = jnp.einsum("tf,fd->td", jax.nn.silu(gate_tf) * up_tf, linear_weight(self.down, self.down_scale, 1, self.dtype))
+        out_td = project(jax.nn.silu(gate_tf) * up_tf, self.down, self.down_scale, 1, self.dtype)
         if self.down_bias is not None:
             out_td = out_td + self.down_bias[...]
         return out_td

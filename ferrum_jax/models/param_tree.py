@@ -7,6 +7,7 @@ and what sharding rules match, so one conversion serves all three.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -38,13 +39,13 @@ def random_model(cfg: ModelConfig, dtype, seed: int, mesh: Mesh, quant: Quantiza
     Quantized, they are the quantization of the float model of the same seed."""
     graphdef, abstract = abstract_model(cfg, dtype, mesh.shape["model"], quant)
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
-    padded = {k: v.shape for k, v in flatten_state(abstract).items()}
+    padded = flatten_state(abstract)
 
     def make():
         flat = flatten_state(nnx.split(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))[1])
         if quant is not None:
             flat = quantize_flat(flat, padded, quant)
-        return unflatten_into(abstract, {k: pad_zeros(v, padded[k]) for k, v in flat.items()})
+        return unflatten_into(abstract, {k: pad_zeros(v, padded[k].shape) for k, v in flat.items()})
 
     return graphdef, jax.jit(make, out_shardings=shardings)()
 
@@ -77,13 +78,14 @@ def unflatten_into(abstract_state: nnx.State, flat: dict[str, jax.Array]) -> nnx
     return state
 
 
-def quantize_flat(flat: dict[str, jax.Array], padded: dict[str, tuple], quant: Quantization) -> dict[str, jax.Array]:
+def quantize_flat(flat: dict[str, jax.Array], padded: dict[str, jax.ShapeDtypeStruct], quant: Quantization) -> dict[str, jax.Array]:
     """A float flat state's linear weights quantized (in a program); padded vocabularies are
     padded first, as the quantized layout expects."""
     out = dict(flat)
     for path in flat:
         if path + SCALE_SUFFIX in padded:
-            w = pad_zeros(flat[path], float_shape(padded[path], padded[path + SCALE_SUFFIX]))
+            n_in = input_axes(path) + path.startswith("layers.")
+            w = pad_zeros(flat[path], float_shape(padded[path].shape, n_in, padded[path].dtype == jnp.uint8))
             quantizer = lambda x: quantize(x, input_axes(path), quant)  # noqa: E731
             out[path], out[path + SCALE_SUFFIX] = jax.vmap(quantizer)(w) if path.startswith("layers.") else quantizer(w)
     return out

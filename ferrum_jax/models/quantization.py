@@ -4,17 +4,20 @@ A quantized weight keeps its parameter path and its float layout (`wq [hidden, h
 head_dim]`), stored as integers, beside a float32 `<name>_scale`:
   int8  symmetric, scale `[out...]`: w[in, out] ~ q[in, out] * scale[out], q in [-127, 127]
         (max |w| over the inputs / 127);
-  int4  affine, scale `[groups, 2, out...]` (per group a step and an offset): the inputs,
-        flattened to K, fall in groups of `group_size` consecutive rows and w ~ q * step + offset,
-        q in [0, 15] spanning the group's [min, max]; two values per byte along the last axis
-        (element 2j in the low nibble, 2j + 1 in the high one), so its last axis is halved.
+  int4  affine, scale `[groups, 2, out...]` (per group a step and an offset): the last input
+        axis falls in groups of `group_size` consecutive rows (halved until it divides that
+        axis: 64 for a 64-dim head of wo or SmolLM2's hidden 576) and w ~ q * step + offset,
+        q in [0, 15] spanning the group's [min, max]. Two values per byte: row i of a group in
+        the low nibble and row i + group/2 in the high one, so the last input axis is halved
+        and unpacking is a concatenation inside each group (interleaved pairs made XLA:CPU
+        shuffle every weight, 2.2x slower), which also keeps a group's bytes on its shard.
 Round to nearest. int4 is affine because symmetric int4 wastes a level and centres every group
 on zero: on the default model (SmolLM2-135M) symmetric groups of 128 cost +43% perplexity
 (tests/test_quantization.py's text). It is packed by hand rather than stored as `jnp.int4`:
 XLA:CPU lays out an int4 argument unpacked while its compiled programs expect it packed (a
 layout mismatch at the first call), and a byte array is half the bytes on every backend.
 
-The layers dequantize in the step (`linear_weight`), so XLA feeds the dot from the integer
+The layers dequantize in the step (`project`), so XLA feeds the dot from the integer
 weights: on TPU and GPU the convert and scale fuse into the matmul's operand; on CPU XLA writes
 the float weights of one layer to a scratch buffer first. Tensor parallelism shards scales like
 the axes they follow (`scale_spec`).
@@ -65,23 +68,15 @@ class Quantization:
     def packed(self) -> bool:
         return self.method == "int4"
 
-    def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The integer array's shape for a float weight of `shape`."""
-        return (*shape[:-1], shape[-1] // 2) if self.packed else tuple(shape)
-
-    def groups(self, num_inputs: int) -> int | None:
-        """Groups over `num_inputs` flattened input rows (None: per channel). A group size that
-        does not divide the inputs halves until it does (SmolLM2's hidden 576 = 9 x 64)."""
-        if self.method == "int8":
-            return None
+    def group(self, rows: int) -> int:
+        """The int4 group along a last input axis of `rows`: group_size, halved until it
+        divides the axis (and stays even, for the two nibbles)."""
         g = self.group_size
-        while num_inputs % g:
+        while rows % g or g % 2:
             g //= 2
-        return num_inputs // g
-
-    def scale_shape(self, shape: tuple[int, ...], n_in: int) -> tuple[int, ...]:
-        groups = self.groups(math.prod(shape[:n_in]))
-        return shape[n_in:] if groups is None else (groups, *shape[n_in:])
+            if g < 2:
+                raise FerrumError.invalid_config(f"int4 groups need an even divisor of the input axis {rows}; {self.group_size} has none")
+        return g
 
 
 def input_axes(path: str) -> int | None:
@@ -89,43 +84,52 @@ def input_axes(path: str) -> int | None:
     return LINEAR_INPUT_AXES.get(path.removeprefix("layers."))
 
 
+def stored_shape(shape: tuple[int, ...], n_in: int, q: Quantization) -> tuple[int, ...]:
+    """The integer array's shape for a float weight of `shape` (int4 halves the last input axis)."""
+    if not q.packed:
+        return tuple(shape)
+    return (*shape[: n_in - 1], shape[n_in - 1] // 2, *shape[n_in:])
+
+
+def float_shape(ints_shape: tuple[int, ...], n_in: int, packed: bool) -> tuple[int, ...]:
+    """The float weight's shape of a stored integer weight `[(layers,) in..., out...]`; n_in
+    counts a stacked weight's layer axis."""
+    if not packed:
+        return tuple(ints_shape)
+    return (*ints_shape[: n_in - 1], ints_shape[n_in - 1] * 2, *ints_shape[n_in:])
+
+
 def quantize(w, n_in: int, q: Quantization, xp=jnp):
     """(integer weights, float32 scales) of a float weight `[in..., out...]`, int4 packed; `xp`
     is jnp (in a program) or np (on the host, one layer at a time)."""
     out_shape = w.shape[n_in:]
-    k = math.prod(w.shape[:n_in])
+    w = w.astype(xp.float32)
     if not q.packed:
-        scale = xp.max(xp.abs(xp.reshape(w.astype(xp.float32), (k, *out_shape))), axis=0) / 127
+        k = math.prod(w.shape[:n_in])
+        scale = xp.max(xp.abs(xp.reshape(w, (k, *out_shape))), axis=0) / 127
         scale = xp.where(scale == 0, xp.float32(1), scale).astype(xp.float32)
         return xp.clip(xp.round(w / scale), -127, 127).astype(xp.int8), scale
-    if w.shape[-1] % 2:
-        raise FerrumError.invalid_config(f"int4 packs pairs along the last axis; a weight of shape {w.shape} has an odd one")
-    groups = q.groups(k)
-    wg = xp.reshape(w.astype(xp.float32), (groups, k // groups, *out_shape))
+    g = q.group(w.shape[n_in - 1])
+    groups = math.prod(w.shape[:n_in]) // g
+    wg = xp.reshape(w, (groups, g, *out_shape))
     low, high = xp.min(wg, axis=1), xp.max(wg, axis=1)
     step = (high - low) / 15
     step = xp.where(step == 0, xp.float32(1), step).astype(xp.float32)
-    ints = xp.reshape(xp.clip(xp.round((wg - low[:, None]) / step[:, None]), 0, 15), w.shape).astype(xp.uint8)
-    packed = (ints[..., 0::2] | (ints[..., 1::2] << 4)).astype(xp.uint8)
-    return packed, xp.stack([step, low.astype(xp.float32)], axis=1)
+    ints = xp.clip(xp.round((wg - low[:, None]) / step[:, None]), 0, 15).astype(xp.uint8)
+    packed = (ints[:, : g // 2] | (ints[:, g // 2 :] << 4)).astype(xp.uint8)
+    return xp.reshape(packed, stored_shape(w.shape, n_in, q)), xp.stack([step, low.astype(xp.float32)], axis=1)
 
 
 def dequantize(ints: jax.Array, scale: jax.Array, n_in: int, dtype) -> jax.Array:
     """The float weight `[in..., out...]` in `dtype`."""
     if ints.dtype == jnp.int8:
         return ints.astype(dtype) * scale.astype(dtype)
-    nibbles = jnp.stack([ints & 0xF, ints >> 4], axis=-1).reshape(*ints.shape[:-1], 2 * ints.shape[-1])
-    groups = scale.shape[0]
-    out_shape = nibbles.shape[n_in:]
-    k = math.prod(nibbles.shape[:n_in])
-    step, offset = scale[:, 0, None].astype(dtype), scale[:, 1, None].astype(dtype)
-    w = nibbles.reshape(groups, k // groups, *out_shape).astype(dtype) * step + offset
-    return w.reshape(nibbles.shape)
-
-
-def float_shape(ints_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The float weight's shape of a stored integer weight (stacked layers too)."""
-    return (*ints_shape[:-1], scale_shape[-1])
+    groups, out_shape = scale.shape[0], ints.shape[n_in:]
+    half = math.prod(ints.shape[:n_in]) // groups
+    packed = ints.reshape(groups, half, *out_shape)
+    nibbles = jnp.concatenate([packed & 0xF, packed >> 4], axis=1)
+    w = nibbles.astype(dtype) * scale[:, 0, None].astype(dtype) + scale[:, 1, None].astype(dtype)
+    return w.reshape(float_shape(ints.shape, n_in, True))
 
 
 def linear_param(rngs: nnx.Rngs, shape: tuple[int, ...], n_in: int, dtype, quant: Quantization | None):
@@ -137,9 +141,36 @@ def linear_param(rngs: nnx.Rngs, shape: tuple[int, ...], n_in: int, dtype, quant
     return nnx.Param(ints), nnx.Param(scale)
 
 
-def linear_weight(weight: nnx.Param, scale: nnx.Param | None, n_in: int, dtype) -> jax.Array:
-    """The float weight a layer multiplies by (dequantized inside the step when quantized)."""
-    return weight[...] if scale is None else dequantize(weight[...], scale[...], n_in, dtype)
+def project(x_tk: jax.Array, weight: nnx.Param, scale: nnx.Param | None, n_in: int, dtype, out_dtype=None) -> jax.Array:
+    """`x_tk [tokens, K] @ weight [in..., out...] -> [tokens, out...]`, K the flattened inputs.
+
+    Float and int8 weights are (dequantized and) contracted in one dot. int4 with few tokens
+    (tokens x groups no more than K: decode) contracts each group's halves with the raw nibbles and
+    applies the group's step and offset to the `[tokens, groups, out]` partial sums, which is
+    smaller than the weight: dequantizing the weight first made XLA:CPU broadcast the
+    per-group scales over every element, 7x slower per layer than int8. With more tokens the
+    partial sums would outgrow the weight, so the weight is dequantized once instead."""
+    w = weight[...]
+    out_shape = w.shape[n_in:]
+    t = x_tk.shape[0]
+    k = x_tk.shape[1]
+    if scale is not None and w.dtype == jnp.uint8 and t * scale.shape[0] <= k:
+        s = scale[...]
+        groups = s.shape[0]
+        packed = w.reshape(groups, -1, math.prod(out_shape))
+        # Groups lead (the dots' batch axis): with tokens leading XLA:CPU transposed every
+        # partial sum, 4.5x slower at 8 tokens.
+        x_g = x_tk.reshape(t, groups, 2, packed.shape[1]).transpose(1, 2, 0, 3)
+        low, high = (packed & 0xF).astype(dtype), (packed >> 4).astype(dtype)
+        partial = jnp.einsum("gti,gio->gto", x_g[:, 0], low, preferred_element_type=out_dtype)
+        partial += jnp.einsum("gti,gio->gto", x_g[:, 1], high, preferred_element_type=out_dtype)
+        step, offset = s[:, 0].reshape(groups, -1).astype(dtype), s[:, 1].reshape(groups, -1).astype(dtype)
+        y = jnp.einsum("gto,go->to", partial, step, preferred_element_type=out_dtype)
+        y += jnp.einsum("gt,go->to", x_g.sum((1, 3)), offset, preferred_element_type=out_dtype)
+        return y.reshape(t, *out_shape)
+    w = w if scale is None else dequantize(w, scale[...], n_in, dtype)
+    y = jnp.dot(x_tk, w.reshape(k, -1), preferred_element_type=out_dtype)
+    return y.reshape(t, *out_shape)
 
 
 def scale_spec(weight_spec: P, n_in: int, groups: int | None, tp: int) -> P:

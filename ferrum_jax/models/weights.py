@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ferrum_jax.interfaces.errors import FerrumError
-from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization, float_shape, input_axes, quantize
+from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization, float_shape, input_axes, quantize, stored_shape
 from ferrum_jax.models.vocab_padding import unpadded_shape
 
 # HF layouts are torch Linear [out, in]; ours are [in, ...heads, head_dim] / [heads, head_dim, out].
@@ -163,8 +163,11 @@ def load_hf_params(
 
 def _float_shape(target: str, expected: dict) -> tuple:
     """The float shape of `target` (a quantized int4 weight is stored packed)."""
-    scale = expected.get(target + SCALE_SUFFIX)
-    return tuple(expected[target].shape) if scale is None else float_shape(expected[target].shape, scale.shape)
+    spec = expected[target]
+    if target + SCALE_SUFFIX not in expected:
+        return tuple(spec.shape)
+    n_in = input_axes(target) + target.startswith("layers.")
+    return float_shape(spec.shape, n_in, np.dtype(spec.dtype) == np.uint8)
 
 
 def _quantized(target: str, host: np.ndarray, scale_spec, quant: Quantization | None) -> dict[str, np.ndarray]:
@@ -175,7 +178,7 @@ def _quantized(target: str, host: np.ndarray, scale_spec, quant: Quantization | 
     if not target.startswith("layers."):
         ints, scale = quantize(host, n_in, quant, xp=np)
         return {target: ints, target + SCALE_SUFFIX: scale}
-    ints = np.empty(quant.stored_shape(host.shape), np.uint8 if quant.packed else np.int8)
+    ints = np.empty(stored_shape(host.shape, n_in + 1, quant), np.uint8 if quant.packed else np.int8)
     scales = np.empty(scale_spec.shape, np.float32)
     for layer in range(host.shape[0]):
         ints[layer], scales[layer] = quantize(host[layer], n_in, quant, xp=np)
