@@ -21,6 +21,7 @@ from ferrum_jax.serve.byte_tokenizer import ByteTokenizer
 from ferrum_jax.serve.structured_outputs import grammar_tokenizer
 from ferrum_jax.structured.compiler import GrammarCompiler, GrammarSpec
 from ferrum_jax.structured.matcher import fill_bitmasks
+from test_engine import greedy_reference
 
 LIMITS = dict(dtype="float32", max_batch_size=8, max_sequence_length=128, page_size=8, max_num_batched_tokens=64)
 TOK = ByteTokenizer()
@@ -34,19 +35,6 @@ def ex():
 @pytest.fixture(scope="module")
 def compiler(ex):
     return GrammarCompiler(grammar_tokenizer(TOK, ex.cfg.vocab_size))
-
-
-def greedy_alone(ex, tokens, n):
-    async def go():
-        out = await ex.prefill(fj.PrefillInput(input_ids=np.array([tokens], np.int32)))
-        gen = [int(np.argmax(out.last_token_logits()[0]))]
-        for _ in range(n - 1):
-            d = await ex.decode(fj.DecodeInput(input_ids=np.array([[gen[-1]]], np.int32), kv_cache=out.kv_cache))
-            gen.append(int(np.argmax(d.logits[0])))
-        ex.release_cache(out.kv_cache.cache_id)
-        return gen
-
-    return asyncio.run(go())
 
 
 def run(ex, requests, drafter=None, **config):
@@ -104,7 +92,7 @@ def test_mixed_batch_constrained_outputs_follow_their_grammar_and_greedy_neighbo
     requests.insert(2, (other, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True), None))
     outs = run(ex, requests, async_scheduling=async_scheduling)
     neighbour_ids, reason = outs.pop(2)
-    assert neighbour_ids == greedy_alone(ex, other, 24) and reason == "length"
+    assert neighbour_ids == greedy_reference(ex, other, 24) and reason == "length"
     for k, (ids, reason) in enumerate(outs):
         kind = specs()[k % 3].kind
         assert reason == "stop", (kind, text(ids))
@@ -158,7 +146,7 @@ def test_speculative_engine_does_not_draft_for_constrained_requests(ex, compiler
     greedy = (prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), None)
     constrained = (prompt, SamplingParams(max_tokens=40, temperature=0.0), compiler.compile(specs()[0]))
     outs = run(ex, [greedy, constrained], drafter=NgramDrafter(), num_speculative_tokens=3)
-    assert outs[0][0] == greedy_alone(ex, prompt, 16)
+    assert outs[0][0] == greedy_reference(ex, prompt, 16)
     value = json.loads(text(outs[1][0]))
     assert set(value) == {"n", "kind"}
 
