@@ -6,7 +6,12 @@ perplexity over a fixed English text (tests/data/perplexity_text.txt) in float32
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -132,6 +137,26 @@ def test_orbax_round_trip_restores_quantized(tmp_path, method):
     assert back.memory_requirements().parameter_memory == src.memory_requirements().parameter_memory
     ids = list(range(100, 140))
     np.testing.assert_array_equal(_logits(back, ids), _logits(src, ids))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (make test installs it)")
+def test_convert_writes_a_quantized_checkpoint_that_aot_sizes_as_stored(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / "int8"
+    run = subprocess.run([sys.executable, "-m", "ferrum_jax.convert", str(fj.default_model_path()), str(out), "--quantization", "int8"],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0 and "int8 weights" in run.stdout, run.stderr[-3000:]
+    restored = fj.JaxModelExecutor.from_pretrained(out, progress=False, **LIMITS)
+    stored = restored.memory_requirements().parameter_memory
+    report = tmp_path / "r.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "ferrum_jax.aot", "--target", "tpu-v5e-1", "--model", str(out), "--dtype", "float32",
+         "--max-model-len", "256", "--max-num-seqs", "1", "--max-num-batched-tokens", "16", "--programs", "logits_last",
+         "--json", str(report)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    r = json.loads(report.read_text())
+    assert r["limits"]["quantization"] == "int8" and r["weight_bytes_per_device"] == stored, (r, run.stderr[-2000:])
 
 
 def perplexity(ex, ids: list[int], window: int = 512) -> float:

@@ -5,9 +5,10 @@
 
 Takes every `python -m ferrum_jax.serve` flag (and `--config` files) with the server's defaults;
 those that shape programs (--max-model-len, --max-num-seqs, --max-num-batched-tokens,
---page-size, --num-pages, --dtype, --tensor-parallel-size, --attention, the speculative ones)
-matter here. The model is read for its config only: a directory holding just config.json, a
-GGUF file's metadata, or a preset. Compiles what the server's warmup would compile, on the
+--page-size, --num-pages, --dtype, --quantization, --tensor-parallel-size, --attention, the
+speculative ones) matter here. The model is read for its config only: a directory holding just
+config.json, a GGUF file's metadata, or a preset (a quantized ferrum checkpoint also for its
+quantization, which the server would restore). Compiles what the server's warmup would compile, on the
 target's compile-only devices with its attention kernel, and prints per program the compile
 time and per-device bytes (arguments, outputs, temporaries, peak) against the chip's usable
 memory, then whether the configuration fits, with how many KV pages it could hold, and how many
@@ -68,8 +69,18 @@ def resolve_limits(s: ServeSettings, target: Target) -> Limits:
         num_pages=s.num_pages or default_num_pages(max_num_seqs, max_model_len, page_size),
         tensor_parallel_size=s.tensor_parallel_size or 1,
         attention=s.attention or "auto",
-        quantization=s.quantization,
+        quantization=s.quantization or _stored_quantization(s),
     )
+
+
+def _stored_quantization(s: ServeSettings) -> str | None:
+    """A quantized ferrum checkpoint's method: the server would restore it quantized."""
+    from ferrum_jax.models.checkpoint import checkpoint_quantization, is_ferrum_checkpoint
+
+    if s.model is None or not is_ferrum_checkpoint(s.model):
+        return None
+    quant = checkpoint_quantization(s.model)
+    return None if quant is None else quant.method
 
 
 def weight_bytes_per_device(cfg: ModelConfig, limits: Limits, devices: list) -> int:
