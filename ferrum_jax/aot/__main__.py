@@ -36,6 +36,7 @@ from ferrum_jax.executor.platform_defaults import default_dtype, default_max_num
 from ferrum_jax.executor.program_plan import PROGRAM_FAMILIES, target_programs
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.kv.pages import kv_cache_dtype
 from ferrum_jax.models.param_tree import abstract_model, param_shardings, unflatten_into
 from ferrum_jax.models.quantization import Quantization
 from ferrum_jax.serve.settings import ServeSettings, parse_settings
@@ -70,6 +71,7 @@ def resolve_limits(s: ServeSettings, target: Target) -> Limits:
         tensor_parallel_size=s.tensor_parallel_size or 1,
         attention=s.attention or "auto",
         quantization=s.quantization or _stored_quantization(s),
+        kv_cache_dtype=s.kv_cache_dtype,
     )
 
 
@@ -101,7 +103,7 @@ def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[Comp
     tp = limits.tensor_parallel_size
     pool_shape = kv_page_shape(cfg, limits)
     device_pool = (pool_shape[0] // tp, *pool_shape[1:])  # kv_rows is a multiple of tp
-    itemsize = jnp.dtype(limits.dtype).itemsize
+    itemsize = kv_cache_dtype(limits.kv_cache_dtype, limits.dtype).itemsize
     pool_bytes = 2 * itemsize * device_pool[0] * device_pool[1] * device_pool[2] * device_pool[3]
     page_bytes = pool_bytes // limits.num_pages
     peak = max(p.peak_bytes for p in programs)

@@ -26,7 +26,7 @@ from ferrum_jax.executor.platform_defaults import resolve_attention
 from ferrum_jax.executor.program_plan import ProgramInputs, StepFunctions, compile_programs, num_programs
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.kv.allocator import PageAllocator
-from ferrum_jax.kv.pages import KvPages
+from ferrum_jax.kv.pages import KvPages, kv_cache_dtype
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.models.param_tree import abstract_model, param_shardings, unflatten_into
@@ -49,6 +49,7 @@ class Limits:
     tensor_parallel_size: int
     attention: str
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +102,7 @@ def abstract_inputs(cfg: ModelConfig, limits: Limits, mesh: Mesh, backend: Atten
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     kv_sharding = NamedSharding(mesh, kv_spec(limits.tensor_parallel_size))
-    pages = jax.ShapeDtypeStruct(kv_page_shape(cfg, limits), dtype, sharding=kv_sharding)
+    pages = jax.ShapeDtypeStruct(kv_page_shape(cfg, limits), kv_cache_dtype(limits.kv_cache_dtype, dtype), sharding=kv_sharding)
     kv = KvPages(k=pages, v=pages, num_layers=cfg.num_layers)
     no_feed = Feed(
         prev_ids=jax.ShapeDtypeStruct((feed_rows,), jnp.int32, sharding=feed_sharding(backend)),

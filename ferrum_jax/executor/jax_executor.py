@@ -64,12 +64,14 @@ from ferrum_jax.kv.allocator import PageAllocator
 from jax.sharding import Mesh, NamedSharding
 
 from ferrum_jax.kv.pages import KvPages, abstract_kv_pages, allocate_kv_pages, copy_page, kv_bytes_per_token
+from ferrum_jax.kv.pages import kv_cache_dtype as kv_cache_dtype_of
 from ferrum_jax.kv.prefix_cache import PrefixMatch
 from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.models.sharding import kv_rows, kv_spec, make_mesh
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.param_tree import state_nbytes
 from ferrum_jax.models.quantization import Quantization
+from pallas_kernels.ragged_paged_attention.dispatch import fp8_supported
 from ferrum_jax.step.ragged_step import feed_sharding, make_ragged_step, make_sampler
 from ferrum_jax.step.sampling import SamplingRow, bitmask_words, build_sampling_batch, sampling_probs
 
@@ -107,11 +109,13 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         mesh: Mesh | None = None,
         enable_prefix_caching: bool = True,
         quantization: Quantization | None = None,
+        kv_cache_dtype: str = "auto",
     ):
         """`state` must already be placed as `param_shardings(cfg, mesh)` says; the
         classmethods below do that. mesh None: one device. enable_prefix_caching: full KV
         pages are named by their prefix and `match_prefix` finds them for a new sequence.
-        quantization: how `state`'s linear weights are quantized (None: float)."""
+        quantization: how `state`'s linear weights are quantized (None: float). kv_cache_dtype:
+        "auto" (the model dtype) or "fp8" (e4m3 pages, half of bfloat16's bytes per token)."""
         if page_size < 1:
             raise FerrumError.invalid_config(f"page_size={page_size}: must be >= 1")
         if max_sequence_length < 1:
@@ -121,12 +125,18 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self.hf_config = hf_config
         self.dtype = dtype
         self.quantization = quantization
+        self.kv_dtype = kv_cache_dtype_of(kv_cache_dtype, dtype)
         self.page_size = page_size
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         self.mesh = mesh or make_mesh(1)
         platform = self.mesh.devices.flat[0].platform
         self.attention_impl = resolve_attention(attention, platform)
+        if self.kv_dtype.itemsize == 1 and self.attention_impl == "pallas" and not fp8_supported(self.mesh.devices.flat[0]):
+            raise FerrumError.invalid_config(
+                f"kv_cache_dtype={kv_cache_dtype!r} with the Triton attention kernel needs compute capability >= 8.9, "
+                f"this GPU has {self.mesh.devices.flat[0].compute_capability}: use attention='xla' or kv_cache_dtype='auto'"
+            )
         pages_per_seq = -(-max_sequence_length // page_size)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = default_max_num_batched_tokens(platform)
@@ -137,7 +147,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._state = state
         self.tensor_parallel_size = self.mesh.shape["model"]
         tp = self.tensor_parallel_size
-        kv_args = (cfg, num_pages, page_size, jnp.dtype(dtype), kv_rows(cfg, tp), NamedSharding(self.mesh, kv_spec(tp)))
+        kv_args = (cfg, num_pages, page_size, self.kv_dtype, kv_rows(cfg, tp), NamedSharding(self.mesh, kv_spec(tp)))
         self._abstract_kv = abstract_kv_pages(*kv_args)
         # Zeroing the pool is first-touch page faults (~6 s for the default model's 3 GiB on
         # this CPU): it runs in a thread while loading finishes and warmup compiles against
@@ -205,6 +215,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         progress: bool = True,
         enable_prefix_caching: bool = True,
         quantization: str | Quantization | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> "JaxModelExecutor":
         """Loads a HF directory (config.json + safetensors), a ferrum orbax checkpoint, or a GGUF
         file (or a directory holding one). `dtype` casts whatever the source holds; None is
@@ -232,6 +243,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             mesh=mesh,
             enable_prefix_caching=enable_prefix_caching,
             quantization=loaded.quant,
+            kv_cache_dtype=kv_cache_dtype,
         )
 
     @classmethod
@@ -584,8 +596,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         return MemoryRequirements(
             parameter_memory=state_nbytes(self._state),
             activation_memory_per_token=activation * itemsize,
-            kv_cache_memory_per_token=kv_bytes_per_token(c, jnp.dtype(self.dtype)),
-            overhead_memory=self.page_size * kv_bytes_per_token(c, jnp.dtype(self.dtype)) * c.num_layers,
+            kv_cache_memory_per_token=kv_bytes_per_token(c, self.kv_dtype),
+            overhead_memory=self.page_size * kv_bytes_per_token(c, self.kv_dtype) * c.num_layers,
         )
 
     def status(self) -> ExecutorStatus:
@@ -841,7 +853,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
 
     def _memory_usage(self) -> ExecutorMemoryUsage:
         params = state_nbytes(self._state)
-        per_page = self.page_size * kv_bytes_per_token(self.cfg, jnp.dtype(self.dtype)) * self.cfg.num_layers
+        per_page = self.page_size * kv_bytes_per_token(self.cfg, self.kv_dtype) * self.cfg.num_layers
         allocated = params + per_page * self._seqs.allocator.num_pages
         used = params + per_page * self._seqs.allocator.num_used
         peak = params + per_page * self._peak_pages

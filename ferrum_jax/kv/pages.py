@@ -16,6 +16,10 @@ read (see `sharding.kv_rows`), so a shard never slices a replicated pool.
 
 Page 0 of every layer is reserved: padding tokens write there, so a padded slot never lands in a
 live sequence's page. The allocator never hands it out.
+
+The pages may hold a narrower dtype than the model computes in (`kv_cache_dtype`, fp8): the KV
+write casts into it (`paged_attention.write_kv`) and every attention implementation casts what it
+reads back to the query's dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
 
 
@@ -47,6 +52,17 @@ class KvPages:
 
     def nbytes(self) -> int:
         return self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize
+
+
+# `--kv-cache-dtype` -> the pages' dtype; "auto" is the model's. fp8 is e4m3 without scales
+# (vLLM's default k_scale = v_scale = 1.0): K/V values far inside its +-448 range.
+KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn"}
+
+
+def kv_cache_dtype(name: str, model_dtype) -> np.dtype:
+    if name not in KV_CACHE_DTYPES:
+        raise FerrumError.invalid_config(f"kv_cache_dtype {name!r}: expected one of {list(KV_CACHE_DTYPES)}")
+    return jnp.dtype(KV_CACHE_DTYPES[name] or model_dtype)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:

@@ -89,6 +89,10 @@ def write_kv(pages_hpsd: jax.Array, new_tkh: jax.Array, slot_mapping: jax.Array)
     head_tk = jnp.broadcast_to(jnp.arange(heads, dtype=slot_mapping.dtype)[None, :], (tokens, heads))
     page_tk = jnp.broadcast_to((slot_mapping // page_size)[:, None], (tokens, heads))
     offset_tk = jnp.broadcast_to((slot_mapping % page_size)[:, None], (tokens, heads))
+    if jnp.issubdtype(pages_hpsd.dtype, jnp.floating) and jnp.finfo(pages_hpsd.dtype).bits == 8:
+        # fp8 has no infinity: out-of-range values would become NaN; saturate instead.
+        limit = float(jnp.finfo(pages_hpsd.dtype).max)
+        new_tkh = jnp.clip(new_tkh, -limit, limit)
     return pages_hpsd.at[head_tk, page_tk, offset_tk, :].set(new_tkh.astype(pages_hpsd.dtype))
 
 

@@ -102,6 +102,7 @@ def build_executor(s: ServeSettings):
             "tensor_parallel_size": s.tensor_parallel_size,
             "enable_prefix_caching": s.enable_prefix_caching,
             "quantization": s.quantization,
+            "kv_cache_dtype": s.kv_cache_dtype,
         }.items()
         if v is not None
     }

@@ -37,6 +37,13 @@ _KERNEL_BLOCK_SIZES = {
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
+def fp8_supported(device):
+  """Whether the kernel for `device` can read fp8 pages: Triton converts fp8 only on compute
+  capability 8.9 (Ada/Hopper) and later; on an A100 its compile aborts the process."""
+  cc = getattr(device, "compute_capability", None)
+  return device.platform not in _GPU_PLATFORMS or cc is None or tuple(map(int, str(cc).split("."))) >= (8, 9)
+
+
 def resolve_backend(backend, interpret, platform=None):
   """Concrete backend name for a requested one on `platform` (None: the default backend)."""
   if backend not in BACKENDS:

@@ -119,8 +119,9 @@ def _kernel(kv_lens_ref, page_indices_ref, cu_q_lens_ref, seq_lo_ref, seq_hi_ref
     # Table entries past a sequence's pages may hold anything; clamp so the gather stays
     # inside the cache, the positions they cover are masked out below.
     pages = jnp.clip(pages, 0, num_pages - 1)
-    k_kd = k_ref[pages].reshape(block_kv, head_dim)
-    v_kd = v_ref[pages].reshape(block_kv, head_dim)
+    # The pages may be narrower than the queries (fp8): compute in the queries' dtype.
+    k_kd = k_ref[pages].reshape(block_kv, head_dim).astype(q_rd.dtype)
+    v_kd = v_ref[pages].reshape(block_kv, head_dim).astype(q_rd.dtype)
     kv_pos_k = j * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
     kv_pos_rk = j * block_kv + lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
     q_pos_rk = tok_rk + pos_offset

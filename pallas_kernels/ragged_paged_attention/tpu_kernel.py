@@ -171,7 +171,7 @@ def _kernel(kv_lens_ref, pages_ref, cu_q_lens_ref, seq_lo_ref, seq_hi_ref,
       mask_rk &= kv_pos_rk > q_pos_rk - sliding_window
 
     q_rd = q_ref[...]
-    k_kd = k_buf[slot]
+    k_kd = k_buf[slot].astype(q_rd.dtype)  # a no-op unless the pages are narrower (fp8)
     s_rk = lax.dot_general(q_rd, k_kd, (((1,), (1,)), ((), ())),
                            preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
@@ -190,7 +190,7 @@ def _kernel(kv_lens_ref, pages_ref, cu_q_lens_ref, seq_lo_ref, seq_hi_ref,
     # anyway. Zeroing unfetched rows matters because 0 * stale-NaN is NaN.
     v_buf_kd = v_buf[slot]
     v_kd = jnp.where(kv_pos_kd < p["kv_end"], v_buf_kd.astype(jnp.float32), 0.0)
-    v_kd = v_kd.astype(v_buf_kd.dtype)
+    v_kd = v_kd.astype(q_rd.dtype)
     pv_rd = lax.dot_general(p_rk.astype(v_kd.dtype), v_kd, (((1,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32)
     acc_ref[...] = acc_ref[...] * alpha[:, :1] + pv_rd

@@ -126,8 +126,8 @@ def _attend(q_tkgd, k_pages, v_pages, kv_lens, page_indices, blk: _Blocks, *, bl
     def kv_body(j, carry):
       m_kgr, l_kgr, acc_kgrd = carry
       blk_gp = lax.dynamic_slice_in_dim(pages_gp, j * block_pages, block_pages, axis=1)
-      k_kgld = k_pages[:, blk_gp].reshape(num_kv_heads, per_group, block, head_dim)
-      v_kgld = v_pages[:, blk_gp].reshape(num_kv_heads, per_group, block, head_dim)
+      k_kgld = k_pages[:, blk_gp].reshape(num_kv_heads, per_group, block, head_dim).astype(q_kgrd.dtype)
+      v_kgld = v_pages[:, blk_gp].reshape(num_kv_heads, per_group, block, head_dim).astype(q_kgrd.dtype)
       s_kgrl = jnp.einsum("kgrd,kgld->kgrl", q_kgrd, k_kgld, preferred_element_type=jnp.float32) * sm_scale
       if soft_cap is not None:
         s_kgrl = soft_cap * jnp.tanh(s_kgrl / soft_cap)
