@@ -91,6 +91,11 @@ class GGUFFile:
             raise FerrumError.invalid_config(f"GGUF file {self.path} lacks the metadata key {key!r}")
         return value
 
+    def raw(self, name: str) -> tuple[str, np.ndarray]:
+        """(type name, the stored bytes `[rows..., row_bytes]`) of tensor `name`, a view of the file."""
+        qtype, begin, byte_shape = self._data[name]
+        return qtype.name, self._map[begin : begin + int(np.prod(byte_shape, dtype=np.int64))].reshape(byte_shape)
+
     def dequantize(self, name: str) -> np.ndarray:
         """The float32 values of tensor `name`, in torch layout (`self.tensors[name].shape`)."""
         from gguf.quants import dequantize

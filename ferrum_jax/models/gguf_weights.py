@@ -9,6 +9,11 @@ GGUF files unchanged. Two things differ from a HF file and are undone here:
   (within each head, the two rotated halves are interleaved pairwise, the layout its rotary
   kernel wants). HF's `rotate_half` wants the halves contiguous, so the rows are put back.
   Qwen files are written unpermuted (llama.cpp rotates them in the NeoX layout, which is HF's).
+
+`read_int4` hands Q4_0 / Q4_1 tensors over still quantized: a block of 32 inputs is one f16
+scale d (and for Q4_1 a minimum m) and 16 bytes whose low nibbles are inputs 0-15 and high
+nibbles inputs 16-31, i.e. exactly ferrum's int4 layout at group 32 (`models.quantization`:
+value = q * step + offset, with step d and offset m, or -8 d for Q4_0's centred values).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ _NAMES = [
 ]
 # Consumed by the config (Llama 3's RoPE scaling), not a parameter.
 _CONFIG_TENSORS = {"rope_freqs.weight"}
+# Bytes before the 16 nibble bytes of a 32-input block.
+_INT4_BLOCKS = {"Q4_0": 2, "Q4_1": 4}
 _PERMUTED_ARCHS = ("llama", "mistral")
 
 
@@ -80,6 +87,25 @@ class GGUFCheckpoint:
         values = self._file.dequantize(self.entries[name].gguf_name)
         heads = self._row_groups.get(name)
         return values if heads is None else _unpermute_rows(values, heads)
+
+    def int4_type(self, name: str) -> str | None:
+        """"Q4_0" / "Q4_1" when `read_int4` can hand the tensor over quantized, else None."""
+        kind = self._file.tensors[self.entries[name].gguf_name].type_name
+        return kind if kind in _INT4_BLOCKS else None
+
+    def read_int4(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A Q4_0/Q4_1 tensor `[out, in]` as (packed `[out, in / 2]` uint8, step `[out, in / 32]`,
+        offset `[out, in / 32]` float32): the file's own bytes and scales, rows in HF order."""
+        kind, raw = self._file.raw(self.entries[name].gguf_name)
+        header = _INT4_BLOCKS[kind]
+        blocks = raw.reshape(raw.shape[0], -1, header + 16)
+        step = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        offset = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * step
+        packed = np.ascontiguousarray(blocks[..., header:]).reshape(raw.shape[0], -1)
+        heads = self._row_groups.get(name)
+        if heads is not None:
+            packed, step, offset = (_unpermute_rows(a, heads) for a in (packed, step, offset))
+        return packed, step, offset
 
 
 def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:

@@ -52,12 +52,14 @@ SCALE_SUFFIX = "_scale"
 @dataclasses.dataclass(frozen=True)
 class Quantization:
     method: str  # "int8" | "int4"
-    group_size: int = DEFAULT_GROUP_SIZE  # int4 only
+    # int4 only; None: DEFAULT_GROUP_SIZE, or 32 for a GGUF file of Q4_0/Q4_1 tensors, whose
+    # blocks then load as they are (executor.loading).
+    group_size: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise FerrumError.invalid_config(f"quantization {self.method!r}: expected one of {list(METHODS)}")
-        if self.group_size < 1:
+        if self.group_size is not None and self.group_size < 1:
             raise FerrumError.invalid_config(f"quantization group_size={self.group_size}: must be >= 1")
 
     @classmethod
@@ -71,7 +73,7 @@ class Quantization:
     def group(self, rows: int) -> int:
         """The int4 group along a last input axis of `rows`: group_size, halved until it
         divides the axis (and stays even, for the two nibbles)."""
-        g = self.group_size
+        g = self.group_size or DEFAULT_GROUP_SIZE
         while rows % g or g % 2:
             g //= 2
             if g < 2:

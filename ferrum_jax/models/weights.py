@@ -145,6 +145,13 @@ def load_hf_params(
             shape = _float_shape(target, expected)
             stored = _checkpoint_shape(target, shape, vocab_size)
             scale_spec = expected.get(target + SCALE_SUFFIX)
+            if scale_spec is not None and stored == shape and _file_blocks_fit(ckpt, target, plan[target], shape, quant):
+                arrays = _int4_from_file(ckpt, target, plan[target], spec, scale_spec)
+                bar.update(len(plan[target]))
+                for path, array in arrays.items():
+                    sharding = shardings.get(path) if shardings else None
+                    out[path] = jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
+                continue
             host_dtype = np.float32 if scale_spec is not None else spec.dtype
             host = (np.empty if stored == tuple(shape) else np.zeros)(shape, host_dtype)
             region = host[tuple(slice(0, n) for n in stored)]
@@ -168,6 +175,30 @@ def _float_shape(target: str, expected: dict) -> tuple:
         return tuple(spec.shape)
     n_in = input_axes(target) + target.startswith("layers.")
     return float_shape(spec.shape, n_in, np.dtype(spec.dtype) == np.uint8)
+
+
+def _file_blocks_fit(ckpt, target: str, layers: dict, shape: tuple, quant: Quantization | None) -> bool:
+    """Whether every layer of `target` is a Q4_0/Q4_1 tensor whose 32-input blocks are the
+    groups `quant` asks for, so the file's bytes load as they are (`GGUFCheckpoint.read_int4`)."""
+    if quant is None or not quant.packed or not hasattr(ckpt, "int4_type"):
+        return False
+    n_in = input_axes(target)
+    layer_shape = shape[1:] if target.startswith("layers.") else shape
+    return quant.group(layer_shape[n_in - 1]) == 32 and all(ckpt.int4_type(name) for name, _ in layers.values())
+
+
+def _int4_from_file(ckpt, target: str, layers: dict, spec, scale_spec) -> dict[str, np.ndarray]:
+    """{target: packed nibbles, target_scale: steps and offsets} straight from the file's blocks:
+    HF's `[out, in]` rows become ferrum's `[in..., out...]` columns (one transpose, no float)."""
+    ints = np.empty(spec.shape, np.uint8)
+    scales = np.empty(scale_spec.shape, np.float32)
+    for layer, (name, _) in layers.items():
+        packed, step, offset = ckpt.read_int4(name)
+        dst_ints = ints if layer is None else ints[layer]
+        dst_scale = scales if layer is None else scales[layer]
+        dst_ints[...] = packed.T.reshape(dst_ints.shape)
+        dst_scale[...] = np.stack([step.T, offset.T], axis=1).reshape(dst_scale.shape)
+    return {target: ints, target + SCALE_SUFFIX: scales}
 
 
 def _quantized(target: str, host: np.ndarray, scale_spec, quant: Quantization | None) -> dict[str, np.ndarray]:
