@@ -453,6 +453,40 @@ def test_second_process_loads_every_step_program_from_the_store(tmp_path):
     assert first[1] == second[1]  # the loaded programs compute what the compiled ones did
 
 
+def test_program_store_skips_executables_jax_handed_back_from_its_caches(tmp_path):
+    """A program first compiled by a plain jit comes back from XLA's persistent cache in a later
+    process, then from JAX's in-process cache to the executor: such an executable runs, but a
+    serialized copy of it lacks its compiled functions ("NOT_FOUND: Function ... not found" in the
+    next process). The store must leave it alone; the third process must compute correctly."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jax, numpy as np, ferrum_jax as fj\n"
+        "from ferrum_jax.step.sampling import SamplingRow, build_sampling_batch, sampling_probs\n"
+        "ex = fj.JaxModelExecutor.from_preset('tiny', max_batch_size=2, max_sequence_length=64)\n"
+        "rows, V = 3, ex.cfg.vocab_size\n"
+        "if sys.argv[1] == 'prime':\n"
+        "    n = ex.buckets.token_bucket(rows)\n"
+        "    jax.jit(sampling_probs)(np.zeros((n, V), np.float32),"
+        " build_sampling_batch([SamplingRow()] * rows, n, ex.max_sequence_length, V))\n"
+        "print(float(ex.distribution(np.zeros((rows, V), np.float32), [SamplingRow()] * rows).sum()))\n"
+    )
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla")}
+
+    def run(mode):
+        r = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return float(r.stdout.split()[-1])
+
+    assert run("prime") == 3.0
+    shutil.rmtree(tmp_path / "xla" / "programs", ignore_errors=True)
+    assert run("prime") == 3.0  # XLA's cache hit, reused by the executor's compile
+    assert run("plain") == 3.0
+
+
 def test_unknown_preset_lists_only_model_presets():
     with pytest.raises(fj.InvalidConfigError, match=r"unknown preset 'llama3_8b_gpu'; known presets: \['bench_125m', 'tiny'\]"):
         fj.JaxModelExecutor.from_preset("llama3_8b_gpu")

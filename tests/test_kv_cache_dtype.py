@@ -17,18 +17,10 @@ import pytest
 
 import ferrum_jax as fj
 from ferrum_jax.interfaces.errors import FerrumError
+from test_quantization import TEXT, all_logits, perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = dict(dtype="float32", max_batch_size=2, max_sequence_length=128, max_num_batched_tokens=64)
-
-
-def _logits(ex, ids):
-    handle = ex.new_kv_cache()
-    try:
-        (lg,) = ex.extend([(handle, ids)], "all")
-    finally:
-        ex.release_cache(handle.cache_id)
-    return lg
 
 
 def test_fp8_kv_step_stays_close_to_float_kv_and_takes_a_quarter_of_float32():
@@ -39,7 +31,7 @@ def test_fp8_kv_step_stays_close_to_float_kv_and_takes_a_quarter_of_float32():
     assert fp8.memory_requirements().kv_cache_memory_per_token == 2 * cfg.num_kv_heads * cfg.head_dim * 1
     assert base.memory_requirements().kv_cache_memory_per_token == 4 * fp8.memory_requirements().kv_cache_memory_per_token
     ids = list(range(7, 90))
-    a, b = _logits(base, ids), _logits(fp8, ids)
+    a, b = all_logits(base, ids), all_logits(fp8, ids)
     # Random weights give the worst case for 3 mantissa bits: logits of magnitude 1-3 moved by
     # at most 0.31 when measured; the kernels' own exactness on fp8 pages is
     # tests/attention_kernels/test_fp8_pages.py, the quality on a real model the test below.
@@ -50,7 +42,6 @@ def test_fp8_kv_step_stays_close_to_float_kv_and_takes_a_quarter_of_float32():
 def test_fp8_kv_perplexity_of_the_default_model():
     """Measured: 20.32 with float32 pages, 20.50 with fp8 (+0.9%)."""
     from ferrum_jax.serve.tokenizer import load_tokenizer
-    from test_quantization import TEXT, perplexity
 
     ids = load_tokenizer(fj.default_model_path()).encode(TEXT.read_text(), add_special_tokens=False)
     limits = dict(dtype="float32", max_batch_size=1, max_sequence_length=512, max_num_batched_tokens=512, progress=False)

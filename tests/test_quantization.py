@@ -76,7 +76,8 @@ def test_int4_is_affine_per_group_and_packed(shape, n_in, group):
     np.testing.assert_allclose(deq.max(1), wg.max(1), atol=1e-5)
 
 
-def _logits(ex, ids):
+def all_logits(ex, ids):
+    """The executor's float32 logits at every position of `ids`, one forward from empty."""
     handle = ex.new_kv_cache()
     try:
         (lg,) = ex.extend([(handle, ids)], "all")
@@ -110,7 +111,7 @@ LIMITS_NO_DTYPE = {k: v for k, v in LIMITS.items() if k != "dtype"}
 def test_quantized_step_equals_the_float_step_over_dequantized_weights(method):
     ex = fj.JaxModelExecutor.from_preset("tiny", quantization=method, **LIMITS)
     ids = list(range(3, 60))
-    np.testing.assert_allclose(_logits(ex, ids), _logits(_dequantized_twin(ex), ids), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(all_logits(ex, ids), all_logits(_dequantized_twin(ex), ids), atol=2e-5, rtol=1e-5)
     floats = fj.JaxModelExecutor.from_preset("tiny", **LIMITS)
     ratio = ex.memory_requirements().parameter_memory / floats.memory_requirements().parameter_memory
     assert ratio < (0.5 if method == "int8" else 0.4)
@@ -120,7 +121,7 @@ def test_tensor_parallel_quantized_equals_one_device():
     one = fj.JaxModelExecutor.from_preset("tiny", quantization="int4", **LIMITS)
     two = fj.JaxModelExecutor.from_preset("tiny", quantization="int4", tensor_parallel_size=2, **LIMITS)
     ids = list(range(5, 40))
-    np.testing.assert_allclose(_logits(one, ids), _logits(two, ids), atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(all_logits(one, ids), all_logits(two, ids), atol=2e-4, rtol=1e-4)
     # Row-parallel down: its groups split with its inputs when each shard holds whole groups.
     scale = flatten_state(two._state)["layers.mlp.down_scale"]
     assert scale.sharding.spec[1] == ("model" if scale.shape[1] % 2 == 0 else None)
@@ -136,7 +137,7 @@ def test_orbax_round_trip_restores_quantized(tmp_path, method):
     assert back.quantization == src.quantization and back.quantization.method == method
     assert back.memory_requirements().parameter_memory == src.memory_requirements().parameter_memory
     ids = list(range(100, 140))
-    np.testing.assert_array_equal(_logits(back, ids), _logits(src, ids))
+    np.testing.assert_array_equal(all_logits(back, ids), all_logits(src, ids))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (make test installs it)")
@@ -186,7 +187,7 @@ def perplexity(ex, ids: list[int], window: int = 512) -> float:
         chunk = ids[start : start + window]
         if len(chunk) < 2:
             break
-        lg = _logits(ex, chunk).astype(np.float64)
+        lg = all_logits(ex, chunk).astype(np.float64)
         lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
         nll += float(np.sum(lse[:-1] - lg[np.arange(len(chunk) - 1), chunk[1:]]))
         count += len(chunk) - 1

@@ -22,6 +22,7 @@ from ferrum_jax.serve.structured_outputs import grammar_tokenizer
 from ferrum_jax.structured.compiler import GrammarCompiler, GrammarSpec
 from ferrum_jax.structured.matcher import fill_bitmasks
 from test_engine import greedy_reference
+from test_quantization import all_logits
 
 LIMITS = dict(dtype="float32", max_batch_size=8, max_sequence_length=128, page_size=8, max_num_batched_tokens=64)
 TOK = ByteTokenizer()
@@ -112,20 +113,10 @@ def test_greedy_constrained_is_the_best_allowed_token_each_step(ex, compiler):
     ((ids, reason),) = run(ex, [(prompt, SamplingParams(max_tokens=10, temperature=0.0), compiler.compile(specs()[1]))])
     assert reason == "stop" and re.fullmatch(REGEX, text(ids))
     classes = ["abc"] * 3 + ["-"] + ["0123456789"] * 2
-    logits = ex_logits_along(ex, prompt, ids)
+    logits = all_logits(ex, prompt + ids)[len(prompt) - 1 : len(prompt) - 1 + len(ids)]
     for step, (tok, row) in enumerate(zip(ids, logits)):
         allowed = [ord(c) for c in classes[step]]
         assert tok == allowed[int(np.argmax(row[allowed]))]
-
-
-def ex_logits_along(ex, prompt, ids):
-    """The executor's logits at each generated position, in one forward over prompt + ids."""
-    handle = ex.new_kv_cache()
-    try:
-        (logits,) = ex.extend([(handle, prompt + ids)], "all")
-    finally:
-        ex.release_cache(handle.cache_id)
-    return logits[len(prompt) - 1 : len(prompt) - 1 + len(ids)]
 
 
 def test_bitmask_allows_exactly_the_next_bytes(ex, compiler):

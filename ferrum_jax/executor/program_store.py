@@ -13,9 +13,12 @@ Compiling ahead of time (`lower(...).compile()`) also means warmup never runs a 
 calling the jitted step on dummy batches executed each one (9 s of the warmup above).
 
 The store lives in `programs/` under the XLA cache directory and follows the same switch
-(`jax_enable_compilation_cache`). Only programs compiled in this process are stored: one that
+(`jax_enable_compilation_cache`). Only programs XLA compiled in this call are stored: one that
 XLA's own cache handed back cannot be serialized again on XLA:CPU (the copy loses its compiled
-functions), so it stays with that cache, traced on every start as before. With several
+functions: "NOT_FOUND: Function ... not found" when it runs), so it stays with that cache,
+traced on every start as before. That includes an executable JAX's in-process cache returns
+for a program compiled earlier in the process (another jit of the same function, or another
+executor), which fires neither XLA event: the store requires XLA's own compile event. With several
 processes (multi-host) the store is off and every process compiles for itself, because an
 executable loaded on one host and compiled on another would be a divergence nobody could see. A file that fails to load (truncated, another jaxlib)
 is logged, compiled again and replaced. Writes go through a temporary file and a rename, so
@@ -37,6 +40,7 @@ from typing import Callable
 
 import jax
 import jaxlib
+from jax._src.dispatch import BACKEND_COMPILE_EVENT
 from jax.experimental import serialize_executable
 
 log = logging.getLogger(__name__)
@@ -76,12 +80,23 @@ def _count_xla_cache_hit(name: str, **_) -> None:
         _counts.hits = _xla_cache_hits() + 1
 
 
+def _count_backend_compile(name: str, _seconds: float, **_) -> None:
+    if name == BACKEND_COMPILE_EVENT:
+        _counts.compiles = _backend_compiles() + 1
+
+
+def _backend_compiles() -> int:
+    """XLA compiles (or XLA persistent-cache fetches) so far in this thread."""
+    return getattr(_counts, "compiles", 0)
+
+
 def _xla_cache_hits() -> int:
     """XLA persistent-cache hits so far in this thread (compiles report in their own thread)."""
     return getattr(_counts, "hits", 0)
 
 
 jax.monitoring.register_event_listener(_count_xla_cache_hit)
+jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
 
 
 def _calls_host(compiled: jax.stages.Compiled) -> bool:
@@ -145,13 +160,14 @@ class ProgramStore:
                 return compiled
             except Exception as e:  # any unreadable entry is only a lost cache hit
                 log.warning("program store: %s did not load (%s: %s); compiling again", path.name, type(e).__name__, e)
-        hits_before = _xla_cache_hits()
+        hits_before, compiles_before = _xla_cache_hits(), _backend_compiles()
         compiled = fn.lower(*args).compile()
         device_ids = _execution_device_ids(compiled)
         # An executable XLA's own cache handed back serializes without its compiled functions
         # on XLA:CPU ("Function ... not found" when the loaded copy runs), so only a program
-        # compiled here is stored; one the XLA cache holds keeps loading from there.
-        if device_ids is not None and _xla_cache_hits() == hits_before and not _calls_host(compiled):
+        # XLA compiled in this call is stored; one the XLA cache holds keeps loading from there.
+        compiled_here = _backend_compiles() > compiles_before and _xla_cache_hits() == hits_before
+        if device_ids is not None and compiled_here and not _calls_host(compiled):
             try:
                 data = pickle.dumps((device_ids, *serialize_executable.serialize(compiled)))
             except Exception as e:  # host callbacks (Pallas interpret mode) and the like do not serialize
