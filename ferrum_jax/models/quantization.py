@@ -122,10 +122,9 @@ def quantize(w, n_in: int, q: Quantization, xp=jnp):
     return xp.reshape(packed, stored_shape(w.shape, n_in, q)), xp.stack([step, low.astype(xp.float32)], axis=1)
 
 
-def dequantize(ints: jax.Array, scale: jax.Array, n_in: int, dtype) -> jax.Array:
-    """The float weight `[in..., out...]` in `dtype`."""
-    if ints.dtype == jnp.int8:
-        return ints.astype(dtype) * scale.astype(dtype)
+def dequantize_int4(ints: jax.Array, scale: jax.Array, n_in: int, dtype) -> jax.Array:
+    """The float weight `[in..., out...]` in `dtype` of packed int4 (int8 never needs it: its
+    scales are applied to the matmul's result, see `project`)."""
     groups, out_shape = scale.shape[0], ints.shape[n_in:]
     half = math.prod(ints.shape[:n_in]) // groups
     packed = ints.reshape(groups, half, *out_shape)
@@ -177,7 +176,7 @@ def project(x_tk: jax.Array, weight: nnx.Param, scale: nnx.Param | None, n_in: i
         # write a dequantized copy of Llama-3-8B's lm_head (1.05 GB) every step.
         y = jnp.dot(x_tk, w.reshape(k, -1).astype(dtype), preferred_element_type=out_dtype)
         return (y * scale[...].reshape(-1).astype(y.dtype)).reshape(t, *out_shape)
-    w = w if scale is None else dequantize(w, scale[...], n_in, dtype)
+    w = w if scale is None else dequantize_int4(w, scale[...], n_in, dtype)
     y = jnp.dot(x_tk, w.reshape(k, -1), preferred_element_type=out_dtype)
     return y.reshape(t, *out_shape)
 
