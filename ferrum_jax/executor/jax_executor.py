@@ -414,21 +414,22 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         bitmasks (structured outputs), None allowing everything."""
         if len(rows) != forward.num_rows:
             raise FerrumError.internal(f"{len(rows)} sampling rows for {forward.num_rows} final items")
-        n = forward.logit_rows
+        n, words = forward.logit_rows, bitmask_words(self.cfg.vocab_size)
         if allowed is not None:
-            padded = np.full((n, bitmask_words(self.cfg.vocab_size)), -1, np.int32)
+            padded = np.full((n, words), -1, np.int32)
             padded[: len(allowed)] = allowed
             allowed = padded
         else:
             # A step without a constrained row moves no bitmask: one everything-allowed mask
-            # per row bucket stays on the device.
+            # per row bucket stays on the device, where the sampler program expects it.
             allowed = self._all_allowed.get(n)
+            if allowed is None:
+                host = np.full((n, words), -1, np.int32)
+                sampling = build_sampling_batch(rows, n, self.max_sequence_length, self.cfg.vocab_size, host)
+                program = self._program("sampler", n, self._sampler, (forward.logits, sampling))
+                allowed = self._all_allowed[n] = jax.device_put(host, program.input_shardings[0][1].allowed)
         sampling = build_sampling_batch(rows, n, self.max_sequence_length, self.cfg.vocab_size, allowed)
-        program = self._program("sampler", n, self._sampler, (forward.logits, sampling))
-        if allowed is None:
-            allowed = self._all_allowed[n] = jax.device_put(sampling.allowed, program.input_shardings[0][1].allowed)
-            sampling = dataclasses.replace(sampling, allowed=allowed)
-        sampled, ids = program(forward.logits, sampling)
+        sampled, ids = self._run_program("sampler", n, self._sampler, forward.logits, sampling)
         return LaunchedStep(
             sampled=sampled,
             ids=ids,
