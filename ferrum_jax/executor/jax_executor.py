@@ -171,7 +171,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._all_allowed: dict[int, jax.Array] = {}
         # What shapes a program beyond its arguments' avals: the sampler's ids size is a constant.
         self._static = "\n".join(
-            [repr(cfg), str(dtype), self.attention_impl, repr(self.mesh), repr([d.id for d in self.mesh.devices.flat]),
+            [repr(cfg), str(dtype), self.attention_impl, str(backend.cpu_kernel), repr(self.mesh), repr([d.id for d in self.mesh.devices.flat]),
              f"feed_rows={feed_rows}"]
         )
         self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length, enable_prefix_caching)

@@ -7,8 +7,9 @@ and slot mapping to one layer, so each layer is the `[kv_heads, pages, page_size
 
 `AttentionBackend.kind` is resolved by the executor from `attention="auto" | "xla" |
 "pallas"`: `"xla"` is the blocked jnp path whose cost follows the real kv lengths (the CPU
-default), `"pallas"` the kernel of the platform the mesh's devices belong to (the Mosaic kernel
-for TPU, Triton for GPU), `"pallas_interpret"` the kernel in Pallas interpret mode (CPU tests).
+default; on XLA:CPU its decode tokens go to a C++ custom call that reads the pages in place),
+`"pallas"` the kernel of the platform the mesh's devices belong to (the Mosaic kernel for TPU,
+Triton for GPU), `"pallas_interpret"` the kernel in Pallas interpret mode (CPU tests).
 
 Under tensor parallelism the KV write and attention run inside `shard_map`, one call per model
 shard on that shard's query heads and its own rows of the pages: its KV heads, or with
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_xla
+from pallas_kernels.ragged_paged_attention.cpu_kernel import target_name as cpu_kernel_target
 
 IMPLS = ("xla", "pallas", "pallas_interpret")
 
@@ -47,6 +49,14 @@ class AttentionBackend:
         """What the step compiles for: the mesh's devices (compile-only TPU/GPU devices on a CPU
         host in `ferrum_jax.aot`), else the default backend."""
         return jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
+
+    @property
+    def cpu_kernel(self) -> str | None:
+        """FFI target of the CPU kernel the XLA path hands decode tokens to on XLA:CPU (built and
+        registered on first use), None elsewhere or where it cannot be built."""
+        if self.kind != "xla" or self.platform != "cpu":
+            return None
+        return cpu_kernel_target()
 
 
 @jax.tree_util.register_dataclass
@@ -118,7 +128,8 @@ def write_and_attend(
         v = write_kv(v, v_new, slot_mapping)
         args = (q, k, v, kv_lens, page_table, cu_q_lens, num_seqs)
         if backend.kind == "xla":
-            out = ragged_paged_attention_xla(*args, sm_scale=sm_scale, sliding_window=sliding_window)
+            out = ragged_paged_attention_xla(*args, sm_scale=sm_scale, sliding_window=sliding_window,
+                                             cpu_kernel=backend.cpu_kernel is not None)
         else:
             out = ragged_paged_attention(
                 *args, sm_scale=sm_scale, sliding_window=sliding_window,

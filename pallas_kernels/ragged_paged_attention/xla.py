@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.ragged_paged_attention.cpu_kernel import kernel_supports, ragged_paged_attention_cpu
 from pallas_kernels.ragged_paged_attention.reference import token_sequence_ids
 from pallas_kernels.ragged_paged_attention.validation import validate_static_args
 
@@ -159,8 +160,12 @@ def _attend(q_tkgd, k_pages, v_pages, kv_lens, page_indices, blk: _Blocks, *, bl
 
 
 def ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                               *, sm_scale, sliding_window=None, soft_cap=None):
-  """Ragged paged attention for XLA; see reference.py for the contract."""
+                               *, sm_scale, sliding_window=None, soft_cap=None, cpu_kernel=False):
+  """Ragged paged attention for XLA; see reference.py for the contract.
+
+  cpu_kernel: one-token query blocks (decodes) go to cpu_kernel.cc where it supports the shapes
+  (`kernel_supports`): it reads the pages in place instead of gathering them (XLA:CPU only; the
+  caller checks it is built)."""
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads, _, page_size, _ = k_pages.shape
   num_seqs_max, pages_per_seq = page_indices.shape
@@ -187,7 +192,15 @@ def ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_
   seq_t, valid_t = token_sequence_ids(cu_q_lens, num_seqs, num_tokens)
   local_t = jnp.arange(num_tokens, dtype=jnp.int32) - cu_q_lens[seq_t]
   out_tkgd = jnp.zeros(q_tkgd.shape, jnp.float32)
+  in_place = cpu_kernel and kernel_supports(q.shape, k_pages.shape, q.dtype, k_pages.dtype)
   for q_len_kind_s, kind_size, bound in kinds:
+    if in_place and kind_size == 1:
+      out_tnh = ragged_paged_attention_cpu(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                           q_len_kind_s > 0, sm_scale=sm_scale, sliding_window=sliding_window,
+                                           soft_cap=soft_cap)
+      mine_t = valid_t & (q_len_kind_s[seq_t] > 0)
+      out_tkgd = jnp.where(mine_t[:, None, None, None], out_tnh.reshape(q_tkgd.shape), out_tkgd)
+      continue
     blk = _query_blocks(cu_q_lens, kv_lens, q_len_kind_s, kind_size, bound)
     out_xkgd = _attend(q_tkgd, k_pages, v_pages, kv_lens, page_indices, blk, **options)
     row_t = (blk.first_s[seq_t] + local_t // kind_size) * kind_size + local_t % kind_size

@@ -12,7 +12,12 @@ from pallas_kernels.ragged_paged_attention.xla import KV_BLOCK
 from .cases import CASES, DEFAULT_CONFIG, OPTIONS, random_lens
 from .ragged_batches import make_batch, naive_attention
 
-IMPLS = {"reference": ragged_paged_attention_reference, "xla": ragged_paged_attention_xla}
+IMPLS = {
+    "reference": ragged_paged_attention_reference,
+    "xla": ragged_paged_attention_xla,
+    # decode tokens through the C++ custom call (cpu_kernel.cc), the rest through the XLA blocks
+    "xla_cpu_kernel": functools.partial(ragged_paged_attention_xla, cpu_kernel=True),
+}
 # float32: both accumulate in float32 over <= 48 kv positions, so ~1e-6 error.
 # bfloat16: inputs are identical bf16 values and math is float32, so only the final rounding to
 # bfloat16 (relative 2**-8) separates it from the float64 oracle.
@@ -63,22 +68,24 @@ def test_random_batches(impl):
     _check(impl, batch, "float32")
 
 
+@pytest.mark.parametrize("impl", ["xla", "xla_cpu_kernel"])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("num_seqs_max", [1, 2, 4, 32])
 @pytest.mark.parametrize("name", ["prefill_only", "mixed", "q_longer_than_page", "zero_length_padding_inside", "full_bucket"])
-def test_xla_query_blocks(name, num_seqs_max, window):
+def test_xla_query_blocks(name, num_seqs_max, window, impl):
   """The XLA path over one to 32 sequence slots: one-token blocks next to long chunks' blocks,
   sequences starting mid-block, blocks spilling past a page, a last block partly empty."""
   lens, overrides = CASES[name]
   lens = lens[:num_seqs_max]
   config = {**DEFAULT_CONFIG, **overrides, "num_seqs_max": num_seqs_max}
   batch = make_batch(np.random.default_rng(3), lens, **config)
-  _check("xla", batch, config["dtype"], sliding_window=window)
+  _check(impl, batch, config["dtype"], sliding_window=window)
 
 
+@pytest.mark.parametrize("impl", ["xla", "xla_cpu_kernel"])
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("num_seqs_max", [8, 4])
-def test_xla_path_reads_no_block_outside_the_attended_range(window, num_seqs_max):
+def test_xla_path_reads_no_block_outside_the_attended_range(window, num_seqs_max, impl):
   """Capacity 1024 positions, contexts of 300-400: every page outside the blocks any live token
   attends to (past the longest context's block, and with a window before the earliest attended
   block) is NaN. The XLA path must not read them (a read turns the output NaN), which is what
@@ -99,14 +106,15 @@ def test_xla_path_reads_no_block_outside_the_attended_range(window, num_seqs_max
   k = jnp.where(poison[None, :, None, None], jnp.nan, batch.k_pages)
   v = jnp.where(poison[None, :, None, None], jnp.nan, batch.v_pages)
   args = (batch.q, k, v, *batch.args[3:])
-  out = np.asarray(jax.jit(lambda *a: ragged_paged_attention_xla(*a, sm_scale=0.125, sliding_window=window))(*args))
+  out = np.asarray(jax.jit(lambda *a: IMPLS[impl](*a, sm_scale=0.125, sliding_window=window))(*args))
   expected = naive_attention(batch, sm_scale=0.125, sliding_window=window)
   n = batch.num_valid_tokens
   np.testing.assert_allclose(out[:n], expected[:n], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("impl", ["xla", "xla_cpu_kernel"])
 @pytest.mark.parametrize("window", [None, 50])
-def test_xla_groups_of_blocks(window):
+def test_xla_groups_of_blocks(window, impl):
   """Enough of both kinds of query block for several groups each, every group walking its own kv
   range: 35 decodes and a 7-token chunk (one-token blocks, two groups), chunks of 200, 40 and 8
   tokens (QUERY_BLOCK blocks: 8 is the shortest sent there), contexts from 8 to 384 positions."""
@@ -117,4 +125,4 @@ def test_xla_groups_of_blocks(window):
   lens += [(200, 384), (40, 40), (8, 300), (7, 8)]
   order = rng.permutation(len(lens))
   batch = make_batch(rng, [lens[i] for i in order], **config)
-  _check("xla", batch, "float32", sliding_window=window)
+  _check(impl, batch, "float32", sliding_window=window)
