@@ -41,12 +41,12 @@ class KernelCase:
     batch: str  # "decode": 64 sequences of one token; "prefill": 1024 tokens of 4 sequences
     sliding_window: int | None = None
     soft_cap: float | None = None
-    kv_dtype: str | None = None  # the pages' dtype when narrower than the queries' (fp8 KV)
+    kv_dtype: str | None = None  # the pages' dtype when narrower than the queries' (int8, fp8 KV)
 
     @property
     def name(self) -> str:
         opts = "".join(["_window" if self.sliding_window else "", "_softcap" if self.soft_cap else "",
-                        "_kvfp8" if self.kv_dtype else ""])  # fmt: skip
+                        f"_kv{jnp.dtype(self.kv_dtype).name}" if self.kv_dtype else ""])  # fmt: skip
         return f"{self.dtype}_d{self.head_dim}_g{self.group}_p{self.page_size}_{self.batch}{opts}"
 
 
@@ -61,6 +61,8 @@ CASES = (
     KernelCase("float32", 128, 4, 16, "prefill", soft_cap=30.0),
     KernelCase("bfloat16", 128, 4, 16, "decode", kv_dtype="float8_e4m3fn"),
     KernelCase("bfloat16", 128, 8, 32, "prefill", kv_dtype="float8_e4m3fn"),
+    KernelCase("bfloat16", 128, 4, 16, "decode", kv_dtype="int8"),
+    KernelCase("bfloat16", 128, 8, 32, "prefill", kv_dtype="int8"),
 )
 
 
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     device = get_target(args.target).devices()[0]
     failed = 0
     for case in CASES:
-        if case.kv_dtype and not fp8_supported(device):
+        if case.kv_dtype == "float8_e4m3fn" and not fp8_supported(device):
             print(f"skipped {case.name}: fp8 KV on compute capability {device.compute_capability} (Triton needs >= 8.9)")
             continue
         try:

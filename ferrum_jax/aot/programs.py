@@ -26,12 +26,12 @@ from ferrum_jax.executor.platform_defaults import resolve_attention
 from ferrum_jax.executor.program_plan import ProgramInputs, StepFunctions, compile_programs, num_programs
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.kv.allocator import PageAllocator
-from ferrum_jax.kv.pages import KvPages, kv_cache_dtype
+from ferrum_jax.kv.pages import abstract_kv_pages, kv_cache_dtype
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.models.param_tree import abstract_model, param_shardings, unflatten_into
 from ferrum_jax.models.quantization import Quantization
-from ferrum_jax.models.sharding import MESH_AXES, check_divisible, kv_rows, kv_spec
+from ferrum_jax.models.sharding import MESH_AXES, check_divisible, kv_rows, kv_scale_spec, kv_spec
 from ferrum_jax.step.ragged_step import feed_sharding, make_ragged_step, make_sampler
 from ferrum_jax.step.sampling import sampling_probs
 
@@ -102,8 +102,10 @@ def abstract_inputs(cfg: ModelConfig, limits: Limits, mesh: Mesh, backend: Atten
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     kv_sharding = NamedSharding(mesh, kv_spec(limits.tensor_parallel_size))
-    pages = jax.ShapeDtypeStruct(kv_page_shape(cfg, limits), kv_cache_dtype(limits.kv_cache_dtype, dtype), sharding=kv_sharding)
-    kv = KvPages(k=pages, v=pages, num_layers=cfg.num_layers)
+    tp = limits.tensor_parallel_size
+    kv = abstract_kv_pages(cfg, limits.num_pages, limits.page_size, kv_cache_dtype(limits.kv_cache_dtype, dtype),
+                           kv_page_shape(cfg, limits)[0], NamedSharding(mesh, kv_spec(tp)),
+                           NamedSharding(mesh, kv_scale_spec(tp)))
     no_feed = Feed(
         prev_ids=jax.ShapeDtypeStruct((feed_rows,), jnp.int32, sharding=feed_sharding(backend)),
         pos=np.full(feed_rows, NO_FEED, np.int32),

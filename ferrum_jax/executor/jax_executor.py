@@ -63,11 +63,12 @@ from ferrum_jax.interfaces import (
 from ferrum_jax.kv.allocator import PageAllocator
 from jax.sharding import Mesh, NamedSharding
 
-from ferrum_jax.kv.pages import KvPages, abstract_kv_pages, allocate_kv_pages, copy_page, kv_bytes_per_token
+from ferrum_jax.kv.calibration import kv_amax, kv_scales
+from ferrum_jax.kv.pages import KvPages, abstract_kv_pages, allocate_kv_pages, copy_page, kv_bytes_per_token, kv_scaled
 from ferrum_jax.kv.pages import kv_cache_dtype as kv_cache_dtype_of
 from ferrum_jax.kv.prefix_cache import PrefixMatch
 from ferrum_jax.models.paged_attention import AttentionBackend
-from ferrum_jax.models.sharding import kv_rows, kv_spec, make_mesh
+from ferrum_jax.models.sharding import kv_rows, kv_scale_spec, kv_spec, make_mesh
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.param_tree import state_nbytes
 from ferrum_jax.models.quantization import Quantization
@@ -115,7 +116,9 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         classmethods below do that. mesh None: one device. enable_prefix_caching: full KV
         pages are named by their prefix and `match_prefix` finds them for a new sequence.
         quantization: how `state`'s linear weights are quantized (None: float). kv_cache_dtype:
-        "auto" (the model dtype) or "fp8" (e4m3 pages, half of bfloat16's bytes per token)."""
+        "auto" (the model dtype), "int8" or "fp8" (e4m3): pages of one byte per value, half of
+        bfloat16's bytes per token, with per-(layer, KV head) scales calibrated here
+        (`kv.calibration`)."""
         if page_size < 1:
             raise FerrumError.invalid_config(f"page_size={page_size}: must be >= 1")
         if max_sequence_length < 1:
@@ -132,7 +135,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self.mesh = mesh or make_mesh(1)
         platform = self.mesh.devices.flat[0].platform
         self.attention_impl = resolve_attention(attention, platform)
-        if self.kv_dtype.itemsize == 1 and self.attention_impl == "pallas" and not fp8_supported(self.mesh.devices.flat[0]):
+        fp8_pages = jnp.issubdtype(self.kv_dtype, jnp.floating) and self.kv_dtype.itemsize == 1
+        if fp8_pages and self.attention_impl == "pallas" and not fp8_supported(self.mesh.devices.flat[0]):
             raise FerrumError.invalid_config(
                 f"kv_cache_dtype={kv_cache_dtype!r} with the Triton attention kernel needs compute capability >= 8.9, "
                 f"this GPU has {self.mesh.devices.flat[0].compute_capability}: use attention='xla' or kv_cache_dtype='auto'"
@@ -147,14 +151,19 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._state = state
         self.tensor_parallel_size = self.mesh.shape["model"]
         tp = self.tensor_parallel_size
-        kv_args = (cfg, num_pages, page_size, self.kv_dtype, kv_rows(cfg, tp), NamedSharding(self.mesh, kv_spec(tp)))
+        kv_args = (cfg, num_pages, page_size, self.kv_dtype, kv_rows(cfg, tp), NamedSharding(self.mesh, kv_spec(tp)),
+                   NamedSharding(self.mesh, kv_scale_spec(tp)))
         self._abstract_kv = abstract_kv_pages(*kv_args)
+        backend = AttentionBackend(self.attention_impl, self.mesh)
+        scales = None
+        if kv_scaled(self.kv_dtype):
+            amax = kv_amax(graphdef, state, cfg, backend, jnp.dtype(dtype), page_size, kv_rows(cfg, tp))
+            scales = kv_scales(*amax, self.kv_dtype)
         # Zeroing the pool is first-touch page faults (~6 s for the default model's 3 GiB on
         # this CPU): it runs in a thread while loading finishes and warmup compiles against
         # `_abstract_kv`; the first step waits for it (`_kv`).
-        self._kv_allocation = _ALLOCATOR.submit(allocate_kv_pages, *kv_args)
+        self._kv_allocation = _ALLOCATOR.submit(allocate_kv_pages, *kv_args, scales=scales)
         self._kv_pages: KvPages | None = None
-        backend = AttentionBackend(self.attention_impl, self.mesh)
         self._step = make_ragged_step(graphdef, backend)
         feed_rows = self.buckets.max_num_seqs
         self._sampler = make_sampler(backend, feed_rows)

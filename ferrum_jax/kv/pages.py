@@ -17,9 +17,12 @@ read (see `sharding.kv_rows`), so a shard never slices a replicated pool.
 Page 0 of every layer is reserved: padding tokens write there, so a padded slot never lands in a
 live sequence's page. The allocator never hands it out.
 
-The pages may hold a narrower dtype than the model computes in (`kv_cache_dtype`, fp8): the KV
-write casts into it (`paged_attention.write_kv`) and every attention implementation casts what it
-reads back to the query's dtype.
+The pages may hold a narrower dtype than the model computes in (`kv_cache_dtype`, int8 or fp8).
+Those carry scales, one per (layer, KV row) for K and for V (`k_scale`/`v_scale`, float32
+`[kv_rows, num_layers]`, calibrated once at load: `kv.calibration`): the KV write stores
+value / scale, rounded (int8) or saturated (both) into the narrow type, and attention multiplies
+the queries by the K scale and its output by the V scale, so no attention implementation reads a
+scale: each casts the pages it reads to the query's dtype, as for any narrow page.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class KvPages:
     k: jax.Array
     v: jax.Array
     num_layers: int = dataclasses.field(metadata=dict(static=True))
+    k_scale: jax.Array | None = None  # [kv_rows, num_layers] float32, narrow pages only
+    v_scale: jax.Array | None = None
 
     @property
     def num_pages(self) -> int:
@@ -54,9 +59,8 @@ class KvPages:
         return self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize
 
 
-# `--kv-cache-dtype` -> the pages' dtype; "auto" is the model's. fp8 is e4m3 without scales
-# (vLLM's default k_scale = v_scale = 1.0): K/V values far inside its +-448 range.
-KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn"}
+# `--kv-cache-dtype` -> the pages' dtype; "auto" is the model's.
+KV_CACHE_DTYPES = {"auto": None, "int8": "int8", "fp8": "float8_e4m3fn"}
 
 
 def kv_cache_dtype(name: str, model_dtype) -> np.dtype:
@@ -65,34 +69,54 @@ def kv_cache_dtype(name: str, model_dtype) -> np.dtype:
     return jnp.dtype(KV_CACHE_DTYPES[name] or model_dtype)
 
 
+def kv_scaled(dtype) -> bool:
+    """Whether pages of `dtype` carry scales (the narrow ones: int8, fp8)."""
+    return jnp.dtype(dtype).itemsize == 1
+
+
+def kv_max(dtype) -> float:
+    """The largest magnitude a scaled page stores: what the calibrated maximum maps to."""
+    dtype = jnp.dtype(dtype)
+    return float(jnp.iinfo(dtype).max if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype).max)
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
     """K plus V bytes one token occupies in ONE layer."""
     return 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize
 
 
 def abstract_kv_pages(
-    cfg: ModelConfig, num_pages: int, page_size: int, dtype, kv_rows: int, sharding=None
+    cfg: ModelConfig, num_pages: int, page_size: int, dtype, kv_rows: int, sharding=None, scale_sharding=None
 ) -> KvPages:
     """The pages as ShapeDtypeStructs: what programs compile against."""
     page = jax.ShapeDtypeStruct((kv_rows, cfg.num_layers * num_pages, page_size, cfg.head_dim), dtype, sharding=sharding)
-    return KvPages(k=page, v=page, num_layers=cfg.num_layers)
+    scale = None
+    if kv_scaled(dtype):
+        scale = jax.ShapeDtypeStruct((kv_rows, cfg.num_layers), jnp.float32, sharding=scale_sharding)
+    return KvPages(k=page, v=page, num_layers=cfg.num_layers, k_scale=scale, v_scale=scale)
 
 
 def allocate_kv_pages(
-    cfg: ModelConfig, num_pages: int, page_size: int, dtype, kv_rows: int, sharding=None
+    cfg: ModelConfig, num_pages: int, page_size: int, dtype, kv_rows: int, sharding=None, scale_sharding=None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
 ) -> KvPages:
-    """Zeroed pages; `kv_rows` is the leading axis (see the module docstring)."""
-    page = abstract_kv_pages(cfg, num_pages, page_size, dtype, kv_rows, sharding).k
+    """Zeroed pages; `kv_rows` is the leading axis (see the module docstring). Narrow pages take
+    `scales` (K, V; `kv.calibration`), which they require."""
+    abstract = abstract_kv_pages(cfg, num_pages, page_size, dtype, kv_rows, sharding, scale_sharding)
+    if (abstract.k_scale is None) != (scales is None):
+        raise FerrumError.internal(f"KV pages of {jnp.dtype(dtype).name} {'need' if scales is None else 'take no'} scales")
+    page = abstract.k
     make = jax.jit(lambda: jnp.zeros(page.shape, page.dtype), out_shardings=sharding)
-    return KvPages(k=make(), v=make(), num_layers=cfg.num_layers)
+    k_scale, v_scale = (None, None) if scales is None else jax.device_put(scales, scale_sharding)
+    return KvPages(k=make(), v=make(), num_layers=cfg.num_layers, k_scale=k_scale, v_scale=v_scale)
 
 
 @jax.jit(donate_argnums=0)
 def copy_page(kv: KvPages, src: jax.Array, dst: jax.Array) -> KvPages:
     """Page `src`'s K/V copied into page `dst`, in every layer (copy on write of a shared page)."""
     layers = jnp.arange(kv.num_layers, dtype=jnp.int32) * kv.num_pages
-    return KvPages(
+    return dataclasses.replace(
+        kv,
         k=kv.k.at[:, layers + dst].set(kv.k[:, layers + src]),
         v=kv.v.at[:, layers + dst].set(kv.v[:, layers + src]),
-        num_layers=kv.num_layers,
     )

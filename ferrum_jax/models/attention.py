@@ -45,11 +45,14 @@ class Attention(nnx.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
         sliding_window: int | None,
+        k_scale: jax.Array | None = None,
+        v_scale: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """`x_td [tokens, hidden]` -> (`[tokens, hidden]`, updated k_pages, v_pages).
 
         `meta` addresses this layer's pages (`paged_attention.for_layer`). The window is a call
-        argument, not module state, because one module instance serves a whole stack of layers."""
+        argument, not module state, because one module instance serves a whole stack of layers;
+        so are `k_scale`/`v_scale`, the layer's scales of narrow KV pages (kv.pages)."""
         q_tnh = project(x_td, self.wq, self.wq_scale, 1, self.dtype)
         k_tkh = project(x_td, self.wk, self.wk_scale, 1, self.dtype)
         v_tkh = project(x_td, self.wv, self.wv_scale, 1, self.dtype)
@@ -69,6 +72,8 @@ class Attention(nnx.Module):
             sm_scale=self.head_dim**-0.5,
             sliding_window=sliding_window,
             backend=backend,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
         # One contraction over heads * head_dim: contracting (n, h) as two axes made XLA:CPU
         # write a relaid-out copy of wo on every step.

@@ -38,9 +38,9 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, quant=quant)
 
-    def __call__(self, h_td, cos_td, sin_td, k_pages, v_pages, meta, backend, sliding_window):
+    def __call__(self, h_td, cos_td, sin_td, k_pages, v_pages, meta, backend, sliding_window, k_scale=None, v_scale=None):
         attn_td, k_pages, v_pages = self.attn(
-            self.input_norm(h_td), cos_td, sin_td, k_pages, v_pages, meta, backend, sliding_window
+            self.input_norm(h_td), cos_td, sin_td, k_pages, v_pages, meta, backend, sliding_window, k_scale, v_scale
         )
         h_td = h_td + attn_td
         h_td = h_td + self.mlp(self.post_attn_norm(h_td))
@@ -94,10 +94,13 @@ class CausalLM(nnx.Module):
         meta: AttentionMetadata,
         logits_indices_l: jax.Array,
         backend: AttentionBackend,
+        k_scale: jax.Array | None = None,
+        v_scale: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Forward over `[tokens]`; returns float32 logits `[rows, vocab]` for `logits_indices_l`.
 
-        k_pages / v_pages: `[kv_rows, num_layers * num_pages, page_size, head_dim]` (kv.pages).
+        k_pages / v_pages: `[kv_rows, num_layers * num_pages, page_size, head_dim]` (kv.pages);
+        k_scale / v_scale: `[kv_rows, num_layers]`, the scales of narrow pages, else None.
         """
         (t,) = token_ids_t.shape
         chex.assert_shape(positions_t, (t,))
@@ -112,7 +115,8 @@ class CausalLM(nnx.Module):
                 h_td, k_pages, v_pages = carry
                 layer = nnx.merge(layer_def, jax.tree.map(lambda x: x[i], layer_state))
                 layer_meta = for_layer(meta, i, num_pages, page_size)
-                return layer(h_td, cos_td, sin_td, k_pages, v_pages, layer_meta, backend, window)
+                scales = () if k_scale is None else (k_scale[:, i], v_scale[:, i])
+                return layer(h_td, cos_td, sin_td, k_pages, v_pages, layer_meta, backend, window, *scales)
 
             carry = jax.lax.fori_loop(first, stop, body, carry)
         h_td, k_pages, v_pages = carry

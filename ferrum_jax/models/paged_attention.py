@@ -30,6 +30,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_xla
 from pallas_kernels.ragged_paged_attention.cpu_kernel import target_name as cpu_kernel_target
 
+from ferrum_jax.kv.pages import kv_max
+
 IMPLS = ("xla", "pallas", "pallas_interpret")
 
 
@@ -85,8 +87,10 @@ def for_layer(meta: AttentionMetadata, layer: jax.Array, num_pages: int, page_si
     )
 
 
-def write_kv(pages_hpsd: jax.Array, new_tkh: jax.Array, slot_mapping: jax.Array) -> jax.Array:
-    """Scatters `new_tkh` `[tokens, kv_heads, head_dim]` into the pages at `slot_mapping`, in place.
+def write_kv(pages_hpsd: jax.Array, new_tkh: jax.Array, slot_mapping: jax.Array, scale_k: jax.Array | None = None) -> jax.Array:
+    """Scatters `new_tkh` `[tokens, kv_heads, head_dim]` into the pages at `slot_mapping`, in place;
+    into narrow pages as `new / scale_k` (`[kv_heads]`, see kv.pages), rounded for int8 and
+    saturated at the type's largest value (fp8 has no infinity: out of range would be NaN).
 
     Every (token, head) is its own scatter index into (head, page, offset), so the update window
     is one `head_dim` row and every indexed dimension is major to it: the scatter works on the
@@ -99,10 +103,11 @@ def write_kv(pages_hpsd: jax.Array, new_tkh: jax.Array, slot_mapping: jax.Array)
     head_tk = jnp.broadcast_to(jnp.arange(heads, dtype=slot_mapping.dtype)[None, :], (tokens, heads))
     page_tk = jnp.broadcast_to((slot_mapping // page_size)[:, None], (tokens, heads))
     offset_tk = jnp.broadcast_to((slot_mapping % page_size)[:, None], (tokens, heads))
-    if jnp.issubdtype(pages_hpsd.dtype, jnp.floating) and jnp.finfo(pages_hpsd.dtype).bits == 8:
-        # fp8 has no infinity: out-of-range values would become NaN; saturate instead.
-        limit = float(jnp.finfo(pages_hpsd.dtype).max)
-        new_tkh = jnp.clip(new_tkh, -limit, limit)
+    if scale_k is not None:
+        limit = kv_max(pages_hpsd.dtype)
+        new_tkh = jnp.clip(new_tkh.astype(jnp.float32) / scale_k[None, :, None], -limit, limit)
+        if jnp.issubdtype(pages_hpsd.dtype, jnp.integer):
+            new_tkh = jnp.round(new_tkh)
     return pages_hpsd.at[head_tk, page_tk, offset_tk, :].set(new_tkh.astype(pages_hpsd.dtype))
 
 
@@ -117,15 +122,25 @@ def write_and_attend(
     sm_scale: float,
     sliding_window: int | None,
     backend: AttentionBackend,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Writes the new `k_tkh`/`v_tkh` `[tokens, kv_heads, head_dim]` at `meta.slot_mapping`, then
     runs causal ragged attention of `q_tnh` `[tokens, q_heads, head_dim]` over the pages `meta`
-    addresses. Returns (`[tokens, q_heads, head_dim]`, k_pages, v_pages)."""
-    rest = (meta.slot_mapping, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.num_seqs)
+    addresses. Returns (`[tokens, q_heads, head_dim]`, k_pages, v_pages).
 
-    def run(q, k_new, v_new, k, v, slot_mapping, kv_lens, page_table, cu_q_lens, num_seqs):
-        k = write_kv(k, k_new, slot_mapping)
-        v = write_kv(v, v_new, slot_mapping)
+    k_scale / v_scale `[kv_rows]`: this layer's scales of narrow pages (kv.pages), else None.
+    Pages hold k / k_scale, so q . k = (q * k_scale) . pages; and sum p v = v_scale * sum p pages."""
+    rest = (meta.slot_mapping, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.num_seqs)
+    scales = () if k_scale is None else (k_scale, v_scale)
+
+    def run(q, k_new, v_new, k, v, slot_mapping, kv_lens, page_table, cu_q_lens, num_seqs, *scales):
+        k_scale_k, v_scale_k = scales or (None, None)
+        k = write_kv(k, k_new, slot_mapping, k_scale_k)
+        v = write_kv(v, v_new, slot_mapping, v_scale_k)
+        if scales:
+            group = q.shape[1] // k.shape[0]
+            q = (q * jnp.repeat(k_scale_k, group)[None, :, None]).astype(q.dtype)
         args = (q, k, v, kv_lens, page_table, cu_q_lens, num_seqs)
         if backend.kind == "xla":
             out = ragged_paged_attention_xla(*args, sm_scale=sm_scale, sliding_window=sliding_window,
@@ -135,11 +150,13 @@ def write_and_attend(
                 *args, sm_scale=sm_scale, sliding_window=sliding_window,
                 interpret=backend.kind == "pallas_interpret", platform=backend.platform,
             )
+        if scales:
+            out = (out * jnp.repeat(v_scale_k, group)[None, :, None]).astype(out.dtype)
         return out, k, v
 
     mesh = backend.mesh
     if mesh is None or mesh.shape["model"] == 1:
-        return run(q_tnh, k_tkh, v_tkh, k_pages, v_pages, *rest)
+        return run(q_tnh, k_tkh, v_tkh, k_pages, v_pages, *rest, *scales)
     tp, num_kv = mesh.shape["model"], k_tkh.shape[1]
     kv_sharded = num_kv % tp == 0
 
@@ -158,7 +175,7 @@ def write_and_attend(
     return jax.shard_map(
         shard,
         mesh=mesh,
-        in_specs=(heads, new_kv, new_kv, pages, pages, P(), P(), P(), P(), P()),
+        in_specs=(heads, new_kv, new_kv, pages, pages, P(), P(), P(), P(), P(), *(pages for _ in scales)),
         out_specs=(heads, pages, pages),
         check_vma=False,
-    )(q_tnh, k_tkh, v_tkh, k_pages, v_pages, *rest)
+    )(q_tnh, k_tkh, v_tkh, k_pages, v_pages, *rest, *scales)

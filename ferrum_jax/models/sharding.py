@@ -107,5 +107,10 @@ def kv_spec(tp: int) -> P:
     return P() if tp == 1 else P("model", None, None, None)
 
 
+def kv_scale_spec(tp: int) -> P:
+    """Scales of narrow KV pages, `[kv_rows, layers]`: rows split as the pages' rows are."""
+    return P() if tp == 1 else P("model", None)
+
+
 def named(mesh: Mesh, specs: dict[str, P]) -> dict[str, NamedSharding]:
     return {k: NamedSharding(mesh, v) for k, v in specs.items()}

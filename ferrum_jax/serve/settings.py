@@ -30,7 +30,7 @@ _DTYPES = {"auto": None, "half": "float16", "float16": "float16", "bfloat16": "b
 SPECULATIVE_METHODS = ("ngram", "draft")
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 QUANTIZATION_METHODS = ("int8", "int4")  # models.quantization.METHODS, without importing jax here
-KV_CACHE_DTYPES = ("auto", "fp8")  # kv.pages.KV_CACHE_DTYPES
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # kv.pages.KV_CACHE_DTYPES
 # Draft tokens per step when a method is given without --num-speculative-tokens: enough to
 # pay off on repetitive text, few enough that a rejection early in the run wastes little.
 DEFAULT_SPECULATIVE_TOKENS = 4
@@ -65,7 +65,7 @@ class ServeSettings:
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
     quantization: str | None = None  # "int8" | "int4": weight-only quantization on load; None: as stored
-    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "fp8" (e4m3 pages)
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "int8" | "fp8" (e4m3 pages), scaled
     enable_auto_tool_choice: bool = False  # tool_choice "auto": parse the reply's tool calls
     tool_call_parser: str | None = None  # how tool calls are written: "hermes" | "llama3_json"
     seed: int = 0
@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantization", choices=QUANTIZATION_METHODS,
         help="quantize the linear layers' weights on load: int8 (per output channel) or int4 (groups of 128)",
     )
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, help="KV page dtype: auto (the model's) or fp8 (e4m3, unscaled as vLLM's default)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, help="KV page dtype: auto (the model's), int8 or fp8 (e4m3); "
+                   "int8/fp8 with per-(layer, KV head) scales calibrated at load")
     p.add_argument(
         "--enable-auto-tool-choice", action="store_const", const=True,
         help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser",

@@ -15,6 +15,7 @@ step N+1 (whose decodes consume step N's tokens) before step N's tokens reach th
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -32,8 +33,9 @@ def _forward(graphdef: nnx.GraphDef, backend: AttentionBackend, state: nnx.State
              feed: Feed):
     model = nnx.merge(graphdef, state)
     token_ids = batch.token_ids.at[feed.pos].set(feed.prev_ids[feed.rows], mode="drop")
-    logits_lv, k, v = model(token_ids, batch.positions, kv.k, kv.v, batch.meta, batch.logits_indices, backend)
-    return logits_lv, KvPages(k=k, v=v, num_layers=kv.num_layers)
+    logits_lv, k, v = model(token_ids, batch.positions, kv.k, kv.v, batch.meta, batch.logits_indices, backend,
+                            kv.k_scale, kv.v_scale)
+    return logits_lv, dataclasses.replace(kv, k=k, v=v)
 
 
 def _replicated(backend: AttentionBackend, tree):
