@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "hlo": "hlo",
     "host": "host",
     "steps": "steps",
+    "cpu-attention": "cpu_attention",
     "gpu-attention": "gpu_attention",
 }
 

@@ -20,6 +20,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m ferrum_jax.bench steps", description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-attention", action="store_true", help="attention replaced by the identity")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"], help="the KV pages' dtype")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -31,7 +32,8 @@ def main(argv=None) -> None:
         import ferrum_jax.models.paged_attention as paged_attention
 
         paged_attention.ragged_paged_attention_xla = lambda q, *_, **__: q * 1.0
-    ex = JaxModelExecutor.from_pretrained(default_model_path(), dtype="float32", progress=False)
+    ex = JaxModelExecutor.from_pretrained(default_model_path(), dtype="float32", progress=False,
+                                          kv_cache_dtype=args.kv_cache_dtype)
     rng = np.random.default_rng(0)
 
     def tokens(n):
@@ -49,8 +51,8 @@ def main(argv=None) -> None:
         "prefill, 4 prompts of 128": lambda: [(f, tokens(128)) for f in fresh],
         "prefill, 1 prompt of 512": lambda: [(fresh[0], tokens(512))],
     }
-    print(f"default model, float32; {'attention replaced by the identity; ' if args.no_attention else ''}"
-          f"median of {args.repeats}")
+    print(f"default model, float32, {args.kv_cache_dtype} KV pages; "
+          f"{'attention replaced by the identity; ' if args.no_attention else ''}median of {args.repeats}")
     print("| step | tokens | ms |")
     print("|---|---:|---:|")
     for name, make in cases.items():

@@ -5,8 +5,9 @@
 // token the dots are tiny (group rows x head_dim), so the gathers were most of the attention.
 // Here each (token, kv head) walks its sequence's pages directly: per page, the scores of the
 // head's query rows, an online softmax, and the weighted sum of V. Contract and layout are
-// reference.py's, float32 only; tokens of sequences with select[s] == 0 come out zero (the
-// caller fills them from the blocked XLA path).
+// reference.py's, float32 queries over float32 or int8 pages (read as their integer values; the
+// model applies the pages' scales to q and to the output); tokens of sequences with
+// select[s] == 0 come out zero (the caller fills them from the blocked XLA path).
 //
 // Work items (token, kv head) are shared out over XLA's intra-op thread pool through an atomic
 // counter; the calling thread takes items too, so the call finishes even if no helper runs.
@@ -34,8 +35,9 @@ constexpr int kMaxKeys = 64;       // keys per online-softmax update (at most on
 
 struct Problem {
   const float* q;            // [tokens, q_heads, head_dim]
-  const float* k;            // [kv_heads, pages, page_size, head_dim]
-  const float* v;
+  const void* k;             // [kv_heads, pages, page_size, head_dim], float32 or int8
+  const void* v;
+  bool int8_pages;
   const int32_t* kv_lens;    // [seqs]
   const int32_t* page_table; // [seqs, pages_per_seq]
   const int32_t* cu_q_lens;  // [seqs + 1]
@@ -73,13 +75,22 @@ inline v8 load8(const float* x) {
   return r;
 }
 
+// int8 pages widen as they load (their scales are applied outside: to q and to the output).
+inline v8 load8(const int8_t* x) {
+  typedef int8_t i8x8 __attribute__((vector_size(8)));
+  i8x8 r;
+  std::memcpy(&r, x, sizeof r);
+  return __builtin_convertvector(r, v8);
+}
+
 inline float sum8(v8 x) {
   return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
 }
 
 // Scores of one query row against n keys, four keys at a time: four independent FMA chains
 // (one chain per key was bound by the FMA latency, not by the loads).
-inline void scores(const float* q, const float* k, int64_t n, int64_t d_n, float* out) {
+template <typename Page>
+inline void scores(const float* q, const Page* k, int64_t n, int64_t d_n, float* out) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
@@ -101,8 +112,8 @@ inline void scores(const float* q, const float* k, int64_t n, int64_t d_n, float
 
 // acc[0:d_n] = acc * correction + sum_j w[j] * v[j]; 32 lanes of acc stay in registers across
 // the keys (d_n is a multiple of 8; a tail of 8, 16 or 24 lanes takes the same path narrower).
-template <int kVecs>
-inline void weighted_sum_lanes(const float* w, const float* v, int64_t n, int64_t d_n, float correction,
+template <int kVecs, typename Page>
+inline void weighted_sum_lanes(const float* w, const Page* v, int64_t n, int64_t d_n, float correction,
                                float* acc) {
   v8 a[kVecs];
   for (int i = 0; i < kVecs; ++i) a[i] = load8(acc + 8 * i) * correction;
@@ -112,7 +123,8 @@ inline void weighted_sum_lanes(const float* w, const float* v, int64_t n, int64_
   for (int i = 0; i < kVecs; ++i) std::memcpy(acc + 8 * i, &a[i], sizeof(v8));
 }
 
-inline void weighted_sum(const float* w, const float* v, int64_t n, int64_t d_n, float correction, float* acc) {
+template <typename Page>
+inline void weighted_sum(const float* w, const Page* v, int64_t n, int64_t d_n, float correction, float* acc) {
   int64_t d = 0;
   for (; d + 32 <= d_n; d += 32) weighted_sum_lanes<4>(w, v + d, n, d_n, correction, acc + d);
   switch ((d_n - d) / 8) {
@@ -125,11 +137,14 @@ inline void weighted_sum(const float* w, const float* v, int64_t n, int64_t d_n,
 
 // Asks for the next page's keys and values while this one is computed: each page is its own
 // few KiB of the pool, where the hardware prefetcher does not follow.
-inline void prefetch(const float* x, int64_t floats) {
-  for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(x + i);
+inline void prefetch(const void* x, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(x) + i);
 }
 
+template <typename Page>
 void attend_one(const Problem& p, int64_t t, int64_t h) {
+  const Page* k_pages = static_cast<const Page*>(p.k);
+  const Page* v_pages = static_cast<const Page*>(p.v);
   const int64_t s = p.seq_of_token[t];
   const int64_t q_heads = p.kv_heads * p.group;
   const int64_t d_n = p.head_dim, g_n = p.group;
@@ -154,12 +169,12 @@ void attend_one(const Problem& p, int64_t t, int64_t h) {
     const int64_t page = pages[start / p.page_size];
     const int64_t off = start % p.page_size;
     const int64_t n = std::min<int64_t>({p.page_size - off, hi - start, kMaxKeys});
-    const float* kp = p.k + ((h * p.num_pages + page) * p.page_size + off) * d_n;
-    const float* vp = p.v + ((h * p.num_pages + page) * p.page_size + off) * d_n;
+    const Page* kp = k_pages + ((h * p.num_pages + page) * p.page_size + off) * d_n;
+    const Page* vp = v_pages + ((h * p.num_pages + page) * p.page_size + off) * d_n;
     if (start + n < hi) {
       const int64_t next = (h * p.num_pages + pages[(start + n) / p.page_size]) * p.page_size * d_n;
-      prefetch(p.k + next, p.page_size * d_n);
-      prefetch(p.v + next, p.page_size * d_n);
+      prefetch(k_pages + next, p.page_size * d_n * sizeof(Page));
+      prefetch(v_pages + next, p.page_size * d_n * sizeof(Page));
     }
     for (int64_t r = 0; r < g_n; ++r) {
       scores(q[r], kp, n, d_n, w);
@@ -205,7 +220,8 @@ struct Shared {
       if (first >= total) return;
       const int64_t last = std::min(first + kChunk, total);
       for (int64_t i = first; i < last; ++i) {
-        attend_one(problem, items[i] / problem.kv_heads, items[i] % problem.kv_heads);
+        const int64_t t = items[i] / problem.kv_heads, h = items[i] % problem.kv_heads;
+        problem.int8_pages ? attend_one<int8_t>(problem, t, h) : attend_one<float>(problem, t, h);
       }
       if (done.fetch_add(last - first) + (last - first) == total) {
         std::lock_guard<std::mutex> lock(mu);
@@ -215,8 +231,8 @@ struct Shared {
   }
 };
 
-ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                  ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> kv_lens,
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                  ffi::AnyBuffer v, ffi::Buffer<ffi::S32> kv_lens,
                   ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> cu_q_lens,
                   ffi::Buffer<ffi::S32> num_seqs, ffi::Buffer<ffi::S32> select,
                   ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
@@ -226,6 +242,10 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   const int64_t tokens = q_dims[0], q_heads = q_dims[1], head_dim = q_dims[2];
   const int64_t kv_heads = k_dims[0];
   const int64_t seqs = page_table.dimensions()[0];
+  const bool int8_pages = k.element_type() == ffi::DataType::S8;
+  if (k.element_type() != v.element_type() || !(int8_pages || k.element_type() == ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("ferrum cpu attention: pages must both be float32 or both int8");
+  }
   if (q_heads / kv_heads > kMaxRows || head_dim > kMaxHeadDim || head_dim % 8) {
     return ffi::Error::InvalidArgument(
         "ferrum cpu attention: needs q_heads / kv_heads <= 16 and head_dim <= 256, a multiple of 8");
@@ -242,7 +262,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
       for (int64_t h = 0; h < kv_heads; ++h) shared->items.push_back(t * kv_heads + h);
     }
   }
-  shared->problem = Problem{q.typed_data(), k.typed_data(), v.typed_data(), kv_lens.typed_data(),
+  shared->problem = Problem{q.typed_data(), k.untyped_data(), v.untyped_data(), int8_pages, kv_lens.typed_data(),
                             page_table.typed_data(), cu, select.typed_data(), seq_of_token.data(),
                             out->typed_data(), kv_heads, k_dims[1], k_dims[2], head_dim,
                             q_heads / kv_heads, page_table.dimensions()[1], sm_scale, soft_cap,
@@ -264,8 +284,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FerrumRaggedPagedAttentionCpu, Attend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

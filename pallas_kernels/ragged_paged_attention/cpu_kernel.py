@@ -81,16 +81,18 @@ def target_name() -> str | None:
 
 
 def kernel_supports(q_shape, k_shape, q_dtype, k_dtype) -> bool:
-    """What cpu_kernel.cc computes: float32, at most 16 query heads per kv head, head_dim a
-    multiple of 8 up to 256 (its eight-lane vectors and fixed per-token buffers)."""
+    """What cpu_kernel.cc computes: float32 queries over float32 or int8 pages, at most 16 query
+    heads per kv head, head_dim a multiple of 8 up to 256 (its eight-lane vectors and fixed
+    per-token buffers)."""
     group, head_dim = q_shape[1] // k_shape[0], q_shape[2]
-    return (q_dtype == k_dtype == jnp.float32 and group <= 16 and head_dim <= 256 and head_dim % 8 == 0)
+    return (q_dtype == jnp.float32 and k_dtype in (jnp.float32, jnp.int8) and group <= 16 and head_dim <= 256
+            and head_dim % 8 == 0)
 
 
 def ragged_paged_attention_cpu(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, select,
                                *, sm_scale, sliding_window=None, soft_cap=None):
-    """Attention of the tokens of sequences with `select[s]` true (float32; the rest come out
-    zero); arguments as in reference.py. Callers check `target_name()` and `kernel_supports`."""
+    """Attention of the tokens of sequences with `select[s]` true (float32 out; the rest come out
+    zero); arguments as in reference.py, int8 pages read as their integer values. Callers check `target_name()` and `kernel_supports`."""
     name = target_name()
     if name is None:
         raise RuntimeError("the CPU attention kernel is not available on this host")

@@ -1,5 +1,5 @@
 """Narrow KV pages, fp8 (e4m3) and int8, in all three attention implementations (both Pallas
-kernels in interpret mode, and the XLA path), against the jnp reference run on the same pages
+kernels in interpret mode, and the XLA path with and without its CPU decode kernel), against the jnp reference run on the same pages
 widened to float32: reading narrow pages must equal attending over their values exactly (float32
 tolerance), and the values themselves stay within the type's rounding of the float pages (a
 stated bound). Scales are applied as the model applies them (paged_attention.write_and_attend):
@@ -22,6 +22,8 @@ IMPLEMENTATIONS = {
     "gpu": lambda *a, **k: ragged_paged_attention_gpu(*a, **k, queries_per_block=16, pages_per_block=2, kv_splits=1,
                                                       interpret=True),
     "xla": ragged_paged_attention_xla,
+    # decode tokens through cpu_kernel.cc: it reads int8 pages itself (fp8 stays on the XLA blocks)
+    "xla_cpu_kernel": lambda *a, **k: ragged_paged_attention_xla(*a, **k, cpu_kernel=True),
 }
 
 
