@@ -113,8 +113,8 @@ def transformers_logits(path, tokens) -> np.ndarray:
         return model.eval()(torch.tensor([tokens])).logits[0].numpy()
 
 
-def ferrum_logits(path, tokens) -> np.ndarray:
-    ex = fj.JaxModelExecutor.from_pretrained(path, progress=False, **LIMITS)
+def ferrum_logits(path, tokens, **options) -> np.ndarray:
+    ex = fj.JaxModelExecutor.from_pretrained(path, progress=False, **LIMITS, **options)
     out = run(ex.prefill(fj.PrefillInput(input_ids=np.array([tokens], np.int32))))
     return np.asarray(out.logits)[0]
 
@@ -139,6 +139,20 @@ def test_llama_gguf_of_every_tensor_type_matches_transformers(tensor_type, llama
     path = write_gguf(llama_model, tmp_path / f"llama-{tensor_type}.gguf", tensor_type, sentencepiece_vocab())
     assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors} == {tensor_type, "F32"}  # F32: norms
     assert_close(ferrum_logits(path, TOKENS), transformers_logits(path, TOKENS))
+
+
+@pytest.mark.parametrize("tensor_type", ["Q4_0", "Q4_1", "Q4_K"])
+def test_q4_gguf_loaded_as_int4_keeps_its_codes(tensor_type, llama_model, tmp_path):
+    """`quantization="int4"` on a Q4_0/Q4_1/Q4_K file takes the file's 4-bit codes and scales as
+    int4 groups of 32 (Q4_K's repacked): the logits are transformers' on the same file (its own
+    dequantization), as close as the float load's; a requantization would move them further."""
+    from ferrum_jax.executor.loading import _all_int4_blocks
+    from ferrum_jax.models.gguf_file import open_gguf
+    from ferrum_jax.models.gguf_weights import GGUFCheckpoint
+
+    path = write_gguf(llama_model, tmp_path / f"llama-{tensor_type}.gguf", tensor_type, sentencepiece_vocab())
+    assert _all_int4_blocks(GGUFCheckpoint(open_gguf(path), {"model_type": "llama", **llama_model.config.to_dict()}))
+    assert_close(ferrum_logits(path, TOKENS, quantization="int4"), transformers_logits(path, TOKENS))
 
 
 # transformers' GGUF config for qwen3 ignores the head size key, so its head_dim is Qwen3's own 128.

@@ -87,7 +87,7 @@ def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True, quant
 def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, model_id: str, quant) -> Loaded:
     cfg = ModelConfig.from_hf_dict(hf_config)
     if quant is not None and quant.packed and quant.group_size is None and _all_int4_blocks(ckpt):
-        # A Q4_0/Q4_1 GGUF file: int4 in its own 32-input blocks is the file's exact precision
+        # A Q4_0/Q4_1/Q4_K GGUF file: int4 in its own 32-input groups is the file's exact precision
         # (regrouping by 128 loses it: +45% perplexity on the default model), and loads unconverted.
         quant = Quantization(quant.method, 32)
     graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype), mesh.shape["model"], quant)

@@ -10,10 +10,15 @@ GGUF files unchanged. Two things differ from a HF file and are undone here:
   kernel wants). HF's `rotate_half` wants the halves contiguous, so the rows are put back.
   Qwen files are written unpermuted (llama.cpp rotates them in the NeoX layout, which is HF's).
 
-`read_int4` hands Q4_0 / Q4_1 tensors over still quantized: a block of 32 inputs is one f16
-scale d (and for Q4_1 a minimum m) and 16 bytes whose low nibbles are inputs 0-15 and high
-nibbles inputs 16-31, i.e. exactly ferrum's int4 layout at group 32 (`models.quantization`:
-value = q * step + offset, with step d and offset m, or -8 d for Q4_0's centred values).
+`read_int4` hands Q4_0 / Q4_1 / Q4_K tensors over still quantized, as ferrum's int4 at group 32
+(`models.quantization`: value = q * step + offset, 16 bytes a group whose low nibbles are inputs
+0-15 and high nibbles inputs 16-31). Q4_0/Q4_1: a block of 32 inputs is one f16 scale d (and
+for Q4_1 a minimum m) and 16 bytes in exactly that layout: step d, offset m, or -8 d for Q4_0's
+centred values. Q4_K: a super-block of 256 inputs is f16 d and dmin, twelve bytes packing eight
+6-bit (scale, min) pairs, and 128 bytes holding eight groups of 32 two by two (byte i of a
+64-input chunk: low nibble input i, high nibble input 32 + i); each group is step d * scale,
+offset -dmin * min, and its nibbles are repacked into ferrum's order (a shuffle of the 4-bit
+codes, no float values in between). Q8_0 and the other K-quants load through a float copy.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ _NAMES = [
 _CONFIG_TENSORS = {"rope_freqs.weight"}
 # Bytes before the 16 nibble bytes of a 32-input block.
 _INT4_BLOCKS = {"Q4_0": 2, "Q4_1": 4}
+_Q4_K_BLOCK = 144  # bytes of 256 inputs: d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 of nibbles
 _PERMUTED_ARCHS = ("llama", "mistral")
 
 
@@ -89,23 +95,49 @@ class GGUFCheckpoint:
         return values if heads is None else _unpermute_rows(values, heads)
 
     def int4_type(self, name: str) -> str | None:
-        """"Q4_0" / "Q4_1" when `read_int4` can hand the tensor over quantized, else None."""
+        """"Q4_0" / "Q4_1" / "Q4_K" when `read_int4` can hand the tensor over quantized, else None."""
         kind = self._file.tensors[self.entries[name].gguf_name].type_name
-        return kind if kind in _INT4_BLOCKS else None
+        return kind if kind in _INT4_BLOCKS or kind == "Q4_K" else None
 
     def read_int4(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A Q4_0/Q4_1 tensor `[out, in]` as (packed `[out, in / 2]` uint8, step `[out, in / 32]`,
-        offset `[out, in / 32]` float32): the file's own bytes and scales, rows in HF order."""
+        """A Q4_0/Q4_1/Q4_K tensor `[out, in]` as (packed `[out, in / 2]` uint8, step
+        `[out, in / 32]`, offset `[out, in / 32]` float32): the file's own 4-bit codes and
+        scales, rows in HF order."""
         kind, raw = self._file.raw(self.entries[name].gguf_name)
-        header = _INT4_BLOCKS[kind]
-        blocks = raw.reshape(raw.shape[0], -1, header + 16)
-        step = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        offset = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * step
-        packed = np.ascontiguousarray(blocks[..., header:]).reshape(raw.shape[0], -1)
+        if kind == "Q4_K":
+            packed, step, offset = _q4_k_groups(raw.reshape(raw.shape[0], -1, _Q4_K_BLOCK))
+        else:
+            header = _INT4_BLOCKS[kind]
+            blocks = raw.reshape(raw.shape[0], -1, header + 16)
+            step = _f16(blocks[..., 0:2])
+            offset = _f16(blocks[..., 2:4]) if kind == "Q4_1" else -8 * step
+            packed = np.ascontiguousarray(blocks[..., header:]).reshape(raw.shape[0], -1)
         heads = self._row_groups.get(name)
         if heads is not None:
             packed, step, offset = (_unpermute_rows(a, heads) for a in (packed, step, offset))
         return packed, step, offset
+
+
+def _f16(two_bytes: np.ndarray) -> np.ndarray:
+    """float32 values of the little-endian f16 held in the last axis' two bytes."""
+    return two_bytes.copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _q4_k_groups(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K super-blocks `[rows, n, 144]` as ferrum int4 groups of 32 (see the module docstring)."""
+    rows, n, _ = blocks.shape
+    d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+    sm = blocks[..., 4:16].astype(np.uint8)
+    # llama.cpp's get_scale_min_k4: groups 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7
+    # (mins); groups 4-7 from the nibbles of bytes 8-11 and the top 2 bits of bytes 0-3 / 4-7.
+    scale = np.concatenate([sm[..., 0:4] & 63, (sm[..., 8:12] & 0xF) | ((sm[..., 0:4] >> 6) << 4)], axis=-1)
+    minimum = np.concatenate([sm[..., 4:8] & 63, (sm[..., 8:12] >> 4) | ((sm[..., 4:8] >> 6) << 4)], axis=-1)
+    step = d[..., None] * scale.astype(np.float32)
+    offset = -(dmin[..., None] * minimum.astype(np.float32))
+    chunks = blocks[..., 16:].reshape(rows, n, 4, 32)
+    codes = np.stack([chunks & 0xF, chunks >> 4], axis=3).reshape(rows, n, 8, 32)  # group g = 2 * chunk + half
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return packed.reshape(rows, -1), step.reshape(rows, -1), offset.reshape(rows, -1)
 
 
 def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:

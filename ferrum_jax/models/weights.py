@@ -178,7 +178,7 @@ def _float_shape(target: str, expected: dict) -> tuple:
 
 
 def _file_blocks_fit(ckpt, target: str, layers: dict, shape: tuple, quant: Quantization | None) -> bool:
-    """Whether every layer of `target` is a Q4_0/Q4_1 tensor whose 32-input blocks are the
+    """Whether every layer of `target` is a Q4_0/Q4_1/Q4_K tensor whose 32-input groups are the
     groups `quant` asks for, so the file's bytes load as they are (`GGUFCheckpoint.read_int4`)."""
     if quant is None or not quant.packed or not hasattr(ckpt, "int4_type"):
         return False
