@@ -14,6 +14,7 @@
     host            host.py          host time per engine step, sync vs async (tiny preset)
     steps           steps.py         step time by batch composition (default model)
     cpu-attention   cpu_attention.py decode attention alone on XLA:CPU, XLA path vs the C++ kernel
+    int4-forms      int4_forms.py    which int4 matmul forms XLA:TPU/GPU fuse (compile-only)
     gpu-attention   gpu_attention.py the GPU attention kernel's correctness and speed
 
 None of them is part of the test suite; each module's docstring says what it measures and how.

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "host": "host",
     "steps": "steps",
     "cpu-attention": "cpu_attention",
+    "int4-forms": "int4_forms",
     "gpu-attention": "gpu_attention",
 }
 
