@@ -155,11 +155,12 @@ void attend_one(const Problem& p, int64_t t, int64_t h) {
   const int64_t lo = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
 
   alignas(32) float q[kMaxRows][kMaxHeadDim];
-  alignas(32) float acc[kMaxRows][kMaxHeadDim] = {};
+  alignas(32) float acc[kMaxRows][kMaxHeadDim];
   float m[kMaxRows], l[kMaxRows];
   for (int64_t r = 0; r < g_n; ++r) {
     const float* qr = p.q + (t * q_heads + h * g_n + r) * d_n;
     for (int64_t d = 0; d < d_n; ++d) q[r][d] = qr[d] * p.sm_scale;
+    std::fill(acc[r], acc[r] + d_n, 0.f);
     m[r] = -std::numeric_limits<float>::max();
     l[r] = 0.f;
   }
