@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ferrum_jax.step.sampling import SamplingRow, apply_penalties, build_sampling_batch, sample
+from ferrum_jax.step.sampling import SamplingRow, apply_penalties, argmax_rows, build_sampling_batch, sample
 
 V = 8
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0, 0.2], np.float32)
@@ -140,3 +140,15 @@ def test_seeded_draws_depend_on_seed_and_step_only():
     assert a.token_ids[0] == b.token_ids[-1]
     steps = draw([SamplingRow(temperature=1.0, seed=42, step=k) for k in range(50)]).token_ids
     assert len(set(steps.tolist())) > 1
+
+
+@pytest.mark.parametrize("vocab", [7, 1024, 2500, 49152])
+def test_argmax_rows_is_numpys_argmax(vocab):
+    """First index of the maximum, as numpy's argmax: ties (coarse values), a row of -inf, a
+    maximum in the last chunk, vocabularies below, at and off a chunk multiple."""
+    rng = np.random.default_rng(vocab)
+    x = np.round(rng.standard_normal((6, vocab)), 1).astype(np.float32)
+    x[1] = -np.inf
+    x[2, -1] = 100.0
+    x[3, : vocab // 2] = 5.0  # ties across chunks: the first wins
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax_rows)(x)), np.argmax(x, axis=-1))

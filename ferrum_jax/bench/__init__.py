@@ -15,6 +15,7 @@
     steps           steps.py         step time by batch composition (default model)
     cpu-attention   cpu_attention.py decode attention alone on XLA:CPU, XLA path vs the C++ kernel
     int4-forms      int4_forms.py    which int4 matmul forms XLA:TPU/GPU fuse (compile-only)
+    timeline        timeline.py      a serving run step by step: time by kind of step (default model)
     gpu-attention   gpu_attention.py the GPU attention kernel's correctness and speed
 
 None of them is part of the test suite; each module's docstring says what it measures and how.

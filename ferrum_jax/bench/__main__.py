@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "steps": "steps",
     "cpu-attention": "cpu_attention",
     "int4-forms": "int4_forms",
+    "timeline": "timeline",
     "gpu-attention": "gpu_attention",
 }
 

@@ -207,17 +207,47 @@ def _filter_top_k_top_p(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
     return jnp.where(keep, logits_rv, -jnp.inf)
 
 
-def processed_logits(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
-    """The logits a row actually samples from: penalties, temperature, top-k/top-p, min-p.
-    Greedy rows (temperature 0) keep only their argmax."""
+# Logits per chunk of argmax_rows' first pass.
+_ARGMAX_CHUNK = 1024
+
+
+def argmax_rows(x_rv: jax.Array) -> jax.Array:
+    """`jnp.argmax(x_rv, axis=-1)` of `[rows, vocab]` (the first index of the largest value), in
+    two passes: each chunk's maximum, then the first index of the row's maximum inside the first
+    chunk holding it. XLA:CPU runs argmax's (value, index) pair reduction element by element:
+    3.8 ms for 32 rows of 49k logits alone and 15 ms fused behind the sampler's noise, against
+    0.4 ms here, where every reduction is a plain vectorized one."""
+    rows, vocab = x_rv.shape
+    chunk = min(_ARGMAX_CHUNK, vocab)
+    padded = jnp.pad(x_rv, ((0, 0), (0, -vocab % chunk)), constant_values=-jnp.inf)
+    chunks = padded.reshape(rows, -1, chunk)
+    chunk_max = jnp.max(chunks, axis=-1)
+    top = jnp.max(chunk_max, axis=-1, keepdims=True)
+
+    def first(hit, size):
+        return jnp.min(jnp.where(hit, jax.lax.broadcasted_iota(jnp.int32, hit.shape, 1), size - 1), axis=-1)
+
+    which = first(chunk_max == top, chunks.shape[1])
+    inside = jnp.take_along_axis(chunks, which[:, None, None], axis=1)[:, 0]
+    return which * chunk + first(inside == top, chunk)
+
+
+def _masked_and_penalised(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
+    """The logits after the grammar bitmask and the penalties: what greedy rows take the argmax of."""
     # A batch without a constrained row skips unpacking `[rows, vocab]` bits.
     logits_rv = jax.lax.cond(jnp.any(s.allowed != -1), apply_bitmask, lambda x, _: x, logits_rv, s.allowed)
     # Penalties scatter the whole `[rows, max_sequence_length]` history into `[rows, vocab]`
     # tables; a batch without any penalty or banned id skips that.
     active = jnp.any((s.presence_penalty != 0) | (s.frequency_penalty != 0) | (s.repetition_penalty != 1))
     active |= jnp.any(s.banned >= 0)
-    logits_rv = jax.lax.cond(active, apply_penalties, lambda x, _: x, logits_rv, s)
-    greedy = jax.nn.one_hot(jnp.argmax(logits_rv, axis=-1), logits_rv.shape[1], dtype=jnp.bool_)
+    return jax.lax.cond(active, apply_penalties, lambda x, _: x, logits_rv, s)
+
+
+def processed_logits(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
+    """The logits a row actually samples from: penalties, temperature, top-k/top-p, min-p.
+    Greedy rows (temperature 0) keep only their argmax."""
+    logits_rv = _masked_and_penalised(logits_rv, s)
+    greedy = jax.nn.one_hot(argmax_rows(logits_rv), logits_rv.shape[1], dtype=jnp.bool_)
     temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     scaled = logits_rv / temp
     filtered = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
@@ -236,15 +266,19 @@ def sampling_probs(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
 def sample(logits_rv: jax.Array, s: SamplingBatch) -> SampledTokens:
     """Draws one token per row from float32 logits `[rows, vocab]`."""
     raw_logprobs = jax.nn.log_softmax(logits_rv, axis=-1)
-    final = processed_logits(logits_rv, s)
 
     def gumbel(seed, step):
         key = jax.random.fold_in(jax.random.key(seed), step)
         return jax.random.gumbel(key, (logits_rv.shape[1],), jnp.float32)
 
-    noise = jax.vmap(gumbel)(s.seed, s.step)
-    # Greedy rows have one finite logit, so the noise cannot move their argmax.
-    tokens = jnp.argmax(final + noise, axis=-1).astype(jnp.int32)
+    def drawn(logits_rv):
+        # Greedy rows have one finite logit, so the noise cannot move their argmax.
+        return argmax_rows(processed_logits(logits_rv, s) + jax.vmap(gumbel)(s.seed, s.step))
+
+    # An all-greedy batch skips temperature, top-k/top-p, min-p and the noise (a random number
+    # per logit): most of the sampler's time, ~40 of 42 ms for 32 rows of 49k logits on CPU.
+    tokens = jax.lax.cond(jnp.any(s.temperature > 0), drawn,
+                          lambda x: argmax_rows(_masked_and_penalised(x, s)), logits_rv)
 
     top_lp, top_ids = jax.lax.top_k(raw_logprobs, min(NUM_TOP_LOGPROBS, logits_rv.shape[1]))
     chosen_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
