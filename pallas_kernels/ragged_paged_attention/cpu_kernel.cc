@@ -41,7 +41,6 @@ struct Problem {
   const int32_t* kv_lens;    // [seqs]
   const int32_t* page_table; // [seqs, pages_per_seq]
   const int32_t* cu_q_lens;  // [seqs + 1]
-  const int32_t* select;     // [seqs]
   const int32_t* seq_of_token;
   float* out;                // [tokens, q_heads, head_dim]
   int64_t kv_heads, num_pages, page_size, head_dim, group, pages_per_seq;
@@ -264,7 +263,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
     }
   }
   shared->problem = Problem{q.typed_data(), k.untyped_data(), v.untyped_data(), int8_pages, kv_lens.typed_data(),
-                            page_table.typed_data(), cu, select.typed_data(), seq_of_token.data(),
+                            page_table.typed_data(), cu, seq_of_token.data(),
                             out->typed_data(), kv_heads, k_dims[1], k_dims[2], head_dim,
                             q_heads / kv_heads, page_table.dimensions()[1], sm_scale, soft_cap,
                             sliding_window};

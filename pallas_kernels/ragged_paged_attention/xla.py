@@ -194,16 +194,15 @@ def ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_
   out_tkgd = jnp.zeros(q_tkgd.shape, jnp.float32)
   in_place = cpu_kernel and kernel_supports(q.shape, k_pages.shape, q.dtype, k_pages.dtype)
   for q_len_kind_s, kind_size, bound in kinds:
-    if in_place and kind_size == 1:
-      out_tnh = ragged_paged_attention_cpu(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                                           q_len_kind_s > 0, sm_scale=sm_scale, sliding_window=sliding_window,
-                                           soft_cap=soft_cap)
-      mine_t = valid_t & (q_len_kind_s[seq_t] > 0)
-      out_tkgd = jnp.where(mine_t[:, None, None, None], out_tnh.reshape(q_tkgd.shape), out_tkgd)
-      continue
-    blk = _query_blocks(cu_q_lens, kv_lens, q_len_kind_s, kind_size, bound)
-    out_xkgd = _attend(q_tkgd, k_pages, v_pages, kv_lens, page_indices, blk, **options)
-    row_t = (blk.first_s[seq_t] + local_t // kind_size) * kind_size + local_t % kind_size
     mine_t = valid_t & (q_len_kind_s[seq_t] > 0)
-    out_tkgd = jnp.where(mine_t[:, None, None, None], out_xkgd[jnp.where(mine_t, row_t, 0)], out_tkgd)
+    if in_place and kind_size == 1:
+      kind_tkgd = ragged_paged_attention_cpu(
+          q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, q_len_kind_s > 0, sm_scale=sm_scale,
+          sliding_window=sliding_window, soft_cap=soft_cap).reshape(q_tkgd.shape)
+    else:
+      blk = _query_blocks(cu_q_lens, kv_lens, q_len_kind_s, kind_size, bound)
+      out_xkgd = _attend(q_tkgd, k_pages, v_pages, kv_lens, page_indices, blk, **options)
+      row_t = (blk.first_s[seq_t] + local_t // kind_size) * kind_size + local_t % kind_size
+      kind_tkgd = out_xkgd[jnp.where(mine_t, row_t, 0)]
+    out_tkgd = jnp.where(mine_t[:, None, None, None], kind_tkgd, out_tkgd)
   return out_tkgd.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
