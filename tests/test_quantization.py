@@ -15,13 +15,16 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import ferrum_jax as fj
 from ferrum_jax.executor.jax_executor import JaxModelExecutor
+from ferrum_jax.models import int4_codes
 from ferrum_jax.models.param_tree import abstract_model, flatten_state, unflatten_into
-from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization, input_axes, quantize
+from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization, input_axes, project, quantize
 
 LIMITS = dict(dtype="float32", max_batch_size=2, max_sequence_length=128, max_num_batched_tokens=64)
 TEXT = Path(__file__).parent / "data" / "perplexity_text.txt"
@@ -115,6 +118,53 @@ def test_quantized_step_equals_the_float_step_over_dequantized_weights(method):
     floats = fj.JaxModelExecutor.from_preset("tiny", **LIMITS)
     ratio = ex.memory_requirements().parameter_memory / floats.memory_requirements().parameter_memory
     assert ratio < (0.5 if method == "int8" else 0.4)
+
+
+@pytest.mark.parametrize("shape, lead, n_in, groups", [((3, 64, 4, 32), 1, 1, 1), ((2, 4, 16, 48), 1, 2, 4), ((96, 40), 0, 1, 3)])
+def test_uint4_codes_are_the_packed_nibbles_unpacked(shape, lead, n_in, groups):
+    """TPU's `uint4` form against the numpy oracle's unpacking, and packed back bit for bit."""
+    packed = np.random.default_rng(2).integers(0, 256, size=shape, dtype=np.uint8)
+    codes = jax.jit(lambda p: int4_codes.unpack(p, lead, n_in, groups))(packed)
+    assert codes.dtype == jnp.uint4
+    layers = packed[None] if lead == 0 else packed
+    want = np.stack([unpack_groups(layer, n_in, groups) for layer in layers])
+    np.testing.assert_array_equal(np.asarray(codes).astype(np.int16).reshape(want.shape), want)
+    back = jax.jit(lambda c: int4_codes.pack(c, lead, n_in, groups))(codes)
+    np.testing.assert_array_equal(np.asarray(back), packed)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8, 24, 300])
+@pytest.mark.parametrize("shape, n_in", [((256, 4, 32), 1), ((4, 64, 96), 2)])
+def test_uint4_project_equals_the_dot_over_dequantized_weights(tokens, shape, n_in):
+    """TPU's form through `project` (plain jit: XLA:CPU's ahead-of-time executables want uint4
+    arguments in a packed layout its arrays do not have): decode rows padded to 8, grouped
+    partial dots up to groups x rows = inputs (here 2 and 4 groups: 128 and 64 rows), the
+    weight dequantized beyond, all against the numpy oracle's float weight."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=shape).astype(np.float32)
+    packed, scale = (np.asarray(a) for a in jax.jit(lambda x: quantize(x, n_in, Quantization("int4")))(w))
+    codes = jax.jit(lambda p: int4_codes.unpack(p, 0, n_in, scale.shape[0]))(packed)
+    x = rng.normal(size=(tokens, math.prod(shape[:n_in]))).astype(np.float32)
+    y = jax.jit(lambda x, c, s: project(x, nnx.Param(c), nnx.Param(s), n_in, jnp.float32))(x, codes, scale)
+    want = x @ numpy_dequantize(packed, scale, n_in).reshape(x.shape[1], -1)
+    np.testing.assert_allclose(np.asarray(y).reshape(want.shape), want, atol=2e-4, rtol=1e-5)
+
+
+def test_an_executor_holding_uint4_codes_saves_the_packed_checkpoint(tmp_path):
+    """The executor takes a state in TPU's form (what it converts to on TPU) at the packed
+    form's size, and saving packs it back: the restored weights are the source's bit for bit."""
+    src = fj.JaxModelExecutor.from_preset("tiny", quantization="int4", **LIMITS)
+    want = {k: np.asarray(v) for k, v in flatten_state(src._state).items()}
+    size = src.memory_requirements().parameter_memory
+    ex = JaxModelExecutor(src.cfg, src._graphdef, int4_codes.state_to_uint4(src._state), model_id="uint4",
+                          dtype="float32", quantization=src.quantization, hf_config=src.hf_config, **LIMITS_NO_DTYPE)  # fmt: skip
+    assert flatten_state(ex._state)["layers.mlp.down"].dtype == jnp.uint4
+    assert ex.memory_requirements().parameter_memory == size
+    ex.save_checkpoint(tmp_path / "q")
+    back = flatten_state(fj.JaxModelExecutor.from_pretrained(tmp_path / "q", progress=False, **LIMITS)._state)
+    assert back.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(back[k]), want[k], err_msg=k)
 
 
 def test_tensor_parallel_quantized_equals_one_device():

@@ -90,7 +90,7 @@ def weight_bytes_per_device(cfg: ModelConfig, limits: Limits, devices: list) -> 
     _, abstract = abstract_model(cfg, jnp.dtype(limits.dtype), limits.tensor_parallel_size, Quantization.parse(limits.quantization))
     mesh = target_mesh(devices, limits.tensor_parallel_size)
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
-    sizes = jax.tree.map(lambda a, sh: a.dtype.itemsize * _shard_elements(a.shape, sh), abstract, shardings)
+    sizes = jax.tree.map(lambda a, sh: jax.dtypes.itemsize_bits(a.dtype) * _shard_elements(a.shape, sh) // 8, abstract, shardings)
     return int(sum(jax.tree.leaves(sizes)))
 
 

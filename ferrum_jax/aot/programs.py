@@ -29,6 +29,7 @@ from ferrum_jax.kv.allocator import PageAllocator
 from ferrum_jax.kv.pages import abstract_kv_pages, kv_cache_dtype
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.paged_attention import AttentionBackend
+from ferrum_jax.models.int4_codes import state_to_uint4, wants_uint4
 from ferrum_jax.models.param_tree import abstract_model, param_shardings, unflatten_into
 from ferrum_jax.models.quantization import Quantization
 from ferrum_jax.models.sharding import MESH_AXES, check_divisible, kv_rows, kv_scale_spec, kv_spec
@@ -101,6 +102,8 @@ def abstract_inputs(cfg: ModelConfig, limits: Limits, mesh: Mesh, backend: Atten
     graphdef, abstract = abstract_model(cfg, dtype, limits.tensor_parallel_size, Quantization.parse(limits.quantization))
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    if wants_uint4(mesh.devices.flat[0].platform):
+        state = state_to_uint4(state)
     kv_sharding = NamedSharding(mesh, kv_spec(limits.tensor_parallel_size))
     tp = limits.tensor_parallel_size
     kv = abstract_kv_pages(cfg, limits.num_pages, limits.page_size, kv_cache_dtype(limits.kv_cache_dtype, dtype),

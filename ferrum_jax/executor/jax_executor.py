@@ -70,6 +70,7 @@ from ferrum_jax.kv.prefix_cache import PrefixMatch
 from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.models.sharding import kv_rows, kv_scale_spec, kv_spec, make_mesh
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.int4_codes import state_to_uint4, wants_uint4
 from ferrum_jax.models.param_tree import state_nbytes
 from ferrum_jax.models.quantization import Quantization
 from pallas_kernels.ragged_paged_attention.dispatch import fp8_supported
@@ -148,7 +149,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         if num_pages is None:
             num_pages = max_batch_size * pages_per_seq + PageAllocator.RESERVED
         self._graphdef = graphdef
-        self._state = state
+        # int4 weights take the platform's form once, here (see int4_codes).
+        self._state = state_to_uint4(state) if wants_uint4(platform) else state
         self.tensor_parallel_size = self.mesh.shape["model"]
         tp = self.tensor_parallel_size
         kv_args = (cfg, num_pages, page_size, self.kv_dtype, kv_rows(cfg, tp), NamedSharding(self.mesh, kv_spec(tp)),
@@ -157,7 +159,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         backend = AttentionBackend(self.attention_impl, self.mesh)
         scales = None
         if kv_scaled(self.kv_dtype):
-            amax = kv_amax(graphdef, state, cfg, backend, jnp.dtype(dtype), page_size, kv_rows(cfg, tp))
+            amax = kv_amax(graphdef, self._state, cfg, backend, jnp.dtype(dtype), page_size, kv_rows(cfg, tp))
             scales = kv_scales(*amax, self.kv_dtype)
         # Zeroing the pool is first-touch page faults (~6 s for the default model's 3 GiB on
         # this CPU): it runs in a thread while loading finishes and warmup compiles against
@@ -286,6 +288,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         """Writes the converted parameters as a ferrum orbax checkpoint that
         `from_pretrained(path)` restores directly."""
         from ferrum_jax.models.checkpoint import save_checkpoint
+        from ferrum_jax.models.int4_codes import to_packed
         from ferrum_jax.models.param_tree import flatten_state
         from ferrum_jax.models.vocab_padding import unpad
 
@@ -293,7 +296,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         if self.hf_config is None:
             raise FerrumError.unsupported("this executor was built from a ModelConfig alone: no HF config.json to save")
         save_checkpoint(
-            path, unpad(flatten_state(self._state), self.cfg.vocab_size), self.hf_config, self.dtype, self.quantization
+            path, unpad(to_packed(flatten_state(self._state)), self.cfg.vocab_size), self.hf_config, self.dtype, self.quantization
         )
 
     # ------------------------------------------------------------------ interface

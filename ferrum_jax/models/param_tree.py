@@ -92,5 +92,5 @@ def quantize_flat(flat: dict[str, jax.Array], padded: dict[str, jax.ShapeDtypeSt
 
 
 def state_nbytes(state: nnx.State) -> int:
-    """Parameter bytes as stored (packed int4 included)."""
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    """Parameter bytes as stored (int4 at half a byte, packed or `uint4`)."""
+    return sum(x.size * jax.dtypes.itemsize_bits(x.dtype) // 8 for x in jax.tree.leaves(state))

@@ -17,9 +17,9 @@ on zero: on the default model (SmolLM2-135M) symmetric groups of 128 cost +43% p
 XLA:CPU lays out an int4 argument unpacked while its compiled programs expect it packed (a
 layout mismatch at the first call), and a byte array is half the bytes on every backend.
 
-The layers dequantize in the step (`project`), so XLA feeds the dot from the integer
-weights: on TPU and GPU the convert and scale fuse into the matmul's operand; on CPU XLA writes
-the float weights of one layer to a scratch buffer first. Tensor parallelism shards scales like
+The layers contract the integer weights in the step (`project`): on TPU and GPU the convert of
+int8, and on TPU of int4 held as XLA's `uint4` (int4_codes), fuses into the matmul's operand; on
+CPU XLA writes the float weights of one layer to a scratch buffer first. Tensor parallelism shards scales like
 the axes they follow (`scale_spec`).
 
 Quantized: q/k/v/o, gate/up/down and an untied lm_head. The embedding stays float (a gather,
@@ -40,6 +40,8 @@ from ferrum_jax.interfaces.errors import FerrumError
 
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
+# Rows an int4 dot over `uint4` weights is padded to (project).
+UINT4_MIN_ROWS = 8
 
 # Quantized parameters -> how many leading axes of a layer's weight are inputs.
 LINEAR_INPUT_AXES = {
@@ -123,14 +125,20 @@ def quantize(w, n_in: int, q: Quantization, xp=jnp):
 
 
 def dequantize_int4(ints: jax.Array, scale: jax.Array, n_in: int, dtype) -> jax.Array:
-    """The float weight `[in..., out...]` in `dtype` of packed int4 (int8 never needs it: its
-    scales are applied to the matmul's result, see `project`)."""
-    groups, out_shape = scale.shape[0], ints.shape[n_in:]
-    half = math.prod(ints.shape[:n_in]) // groups
-    packed = ints.reshape(groups, half, *out_shape)
-    nibbles = jnp.concatenate([packed & 0xF, packed >> 4], axis=1)
-    w = nibbles.astype(dtype) * scale[:, 0, None].astype(dtype) + scale[:, 1, None].astype(dtype)
-    return w.reshape(float_shape(ints.shape, n_in, True))
+    """The float weight `[in..., out...]` in `dtype` of int4 codes, packed bytes or `uint4`
+    (int8 never needs it: its scales are applied to the matmul's result, see `project`)."""
+    groups = scale.shape[0]
+    step, offset = (scale[:, i].reshape(groups, 1, -1).astype(dtype) for i in (0, 1))
+    w = _group_codes(ints, groups, n_in).astype(dtype) * step + offset
+    return w.reshape(float_shape(ints.shape, n_in, ints.dtype == jnp.uint8))
+
+
+def _group_codes(ints: jax.Array, groups: int, n_in: int) -> jax.Array:
+    """`[groups, group, out]` codes of packed bytes or of `uint4` codes (int4_codes)."""
+    grouped = ints.reshape(groups, -1, math.prod(ints.shape[n_in:]))
+    if ints.dtype == jnp.uint4:
+        return grouped
+    return jnp.concatenate([grouped & 0xF, grouped >> 4], axis=1)
 
 
 def linear_param(rngs: nnx.Rngs, shape: tuple[int, ...], n_in: int, dtype, quant: Quantization | None):
@@ -146,39 +154,56 @@ def project(x_tk: jax.Array, weight: nnx.Param, scale: nnx.Param | None, n_in: i
     """`x_tk [tokens, K] @ weight [in..., out...] -> [tokens, out...]`, K the flattened inputs.
 
     Float weights are contracted in one dot, int8 ones too, their scales applied to the result.
-    int4 with few tokens
-    (tokens x groups no more than K: decode) contracts each group's halves with the raw nibbles and
-    applies the group's step and offset to the `[tokens, groups, out]` partial sums, which is
-    smaller than the weight: dequantizing the weight first made XLA:CPU broadcast the
-    per-group scales over every element, 7x slower per layer than int8. With more tokens the
-    partial sums would outgrow the weight, so the weight is dequantized once instead."""
+    int4 with few tokens (tokens x groups no more than K: decode) contracts each group's codes
+    and applies the group's step and offset to the `[tokens, groups, out]` partial sums, which
+    is smaller than the weight: dequantizing the weight first made XLA:CPU broadcast the
+    per-group scales over every element, 7x slower per layer than int8, and XLA:TPU write the
+    dequantized weight out. `uint4` weights (TPU, see int4_codes) get at least
+    UINT4_MIN_ROWS rows, below which XLA:TPU writes the converted codes out. With more tokens
+    the partial sums would outgrow the weight, so the weight is dequantized once instead."""
     w = weight[...]
     out_shape = w.shape[n_in:]
-    t = x_tk.shape[0]
-    k = x_tk.shape[1]
-    if scale is not None and w.dtype == jnp.uint8 and t * scale.shape[0] <= k:
-        s = scale[...]
-        groups = s.shape[0]
-        packed = w.reshape(groups, -1, math.prod(out_shape))
-        # Groups lead (the dots' batch axis): with tokens leading XLA:CPU transposed every
-        # partial sum, 4.5x slower at 8 tokens.
-        x_g = x_tk.reshape(t, groups, 2, packed.shape[1]).transpose(1, 2, 0, 3)
-        low, high = (packed & 0xF).astype(dtype), (packed >> 4).astype(dtype)
-        partial = jnp.einsum("gti,gio->gto", x_g[:, 0], low, preferred_element_type=out_dtype)
-        partial += jnp.einsum("gti,gio->gto", x_g[:, 1], high, preferred_element_type=out_dtype)
-        step, offset = s[:, 0].reshape(groups, -1).astype(dtype), s[:, 1].reshape(groups, -1).astype(dtype)
-        y = jnp.einsum("gto,go->to", partial, step, preferred_element_type=out_dtype)
-        y += jnp.einsum("gt,go->to", x_g.sum((1, 3)), offset, preferred_element_type=out_dtype)
-        return y.reshape(t, *out_shape)
+    t, k = x_tk.shape
     if scale is not None and w.dtype == jnp.int8:
         # Per-output-channel scales commute with the contraction: scaling the `[tokens, out]`
         # result leaves the dot a bare convert to fuse. Scaling the weight first made XLA:GPU
         # write a dequantized copy of Llama-3-8B's lm_head (1.05 GB) every step.
         y = jnp.dot(x_tk, w.reshape(k, -1).astype(dtype), preferred_element_type=out_dtype)
         return (y * scale[...].reshape(-1).astype(y.dtype)).reshape(t, *out_shape)
-    w = w if scale is None else dequantize_int4(w, scale[...], n_in, dtype)
+    if scale is not None:
+        s = scale[...]
+        groups = s.shape[0]
+        rows = max(t, UINT4_MIN_ROWS) if w.dtype == jnp.uint4 else t
+        if rows * groups <= k:
+            x_tk = jnp.pad(x_tk, ((0, rows - t), (0, 0)))
+            return _grouped_partial_dots(x_tk, w, s, dtype, out_dtype)[:t].reshape(t, *out_shape)
+        w = dequantize_int4(w, s, n_in, dtype)
     y = jnp.dot(x_tk, w.reshape(k, -1), preferred_element_type=out_dtype)
     return y.reshape(t, *out_shape)
+
+
+def _grouped_partial_dots(x_tk: jax.Array, w: jax.Array, s: jax.Array, dtype, out_dtype) -> jax.Array:
+    """`[tokens, out]`: int4 codes contracted per group, then each group's step and offset."""
+    t = x_tk.shape[0]
+    groups = s.shape[0]
+    # Groups lead (the dots' batch axis): with tokens leading XLA:CPU transposed every
+    # partial sum, 4.5x slower at 8 tokens.
+    if w.dtype == jnp.uint4:
+        codes = w.reshape(groups, -1, s[0, 0].size).astype(dtype)
+        x_g = x_tk.reshape(t, groups, -1).transpose(1, 0, 2)
+        partial = jnp.einsum("gti,gio->gto", x_g, codes, preferred_element_type=out_dtype)
+        x_sum = x_g.sum(2)
+    else:
+        # Packed bytes: each group's halves against the low and the high nibbles.
+        packed = w.reshape(groups, -1, s[0, 0].size)
+        x_g = x_tk.reshape(t, groups, 2, packed.shape[1]).transpose(1, 2, 0, 3)
+        low, high = (packed & 0xF).astype(dtype), (packed >> 4).astype(dtype)
+        partial = jnp.einsum("gti,gio->gto", x_g[:, 0], low, preferred_element_type=out_dtype)
+        partial += jnp.einsum("gti,gio->gto", x_g[:, 1], high, preferred_element_type=out_dtype)
+        x_sum = x_g.sum((1, 3))
+    step, offset = s[:, 0].reshape(groups, -1).astype(dtype), s[:, 1].reshape(groups, -1).astype(dtype)
+    y = jnp.einsum("gto,go->to", partial, step, preferred_element_type=out_dtype)
+    return y + jnp.einsum("gt,go->to", x_sum, offset, preferred_element_type=out_dtype)
 
 
 def scale_spec(weight_spec: P, n_in: int, groups: int | None, tp: int) -> P:
