@@ -94,6 +94,22 @@ def test_llama3_8b_int4_on_tpu_feeds_the_dots_from_uint4_codes(tmp_path):
         assert extra < 0.25 * 2**30, (p["bucket"], extra)
 
 
+@needs_cuda
+def test_llama3_8b_int4_on_gpu_reads_packed_codes_in_the_pallas_kernel(tmp_path):
+    """On GPU every int4 matmul (seven a layer, the lm_head) is the Pallas int4 kernel reading
+    the packed bytes; XLA's grouped dots there wrote 1.0-1.97 GiB of converted codes. What is
+    left is each layer's slice of a stacked weight, copied for the kernel (28 MiB at most)."""
+    code, report, hlo = aot(tmp_path, "--target", "gpu-h100", "--model", LLAMA_8B, *SMALL, "--num-pages", "2048",
+                            "--quantization", "int4")  # fmt: skip
+    assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
+    for name, text in hlo.items():
+        kernels = [line for line in text.splitlines() if KERNEL_CALL["gpu"] in line and 'name = "int4_matmul"' in line]
+        assert len(kernels) == 8, f"{name}: {len(kernels)} int4 kernel calls"
+    for p in report["programs"]:
+        extra = p["peak_bytes"] - report["weight_bytes_per_device"] - report["kv_pool_bytes_per_device"]
+        assert extra < 0.15 * 2**30, (p["bucket"], extra)
+
+
 @needs_tpu
 def test_llama3_70b_tp8_has_two_all_reduces_per_layer(tmp_path):
     code, report, hlo = aot(

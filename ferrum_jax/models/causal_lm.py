@@ -43,7 +43,7 @@ class DecoderLayer(nnx.Module):
             self.input_norm(h_td), cos_td, sin_td, k_pages, v_pages, meta, backend, sliding_window, k_scale, v_scale
         )
         h_td = h_td + attn_td
-        h_td = h_td + self.mlp(self.post_attn_norm(h_td))
+        h_td = h_td + self.mlp(self.post_attn_norm(h_td), backend)
         return h_td, k_pages, v_pages
 
 
@@ -126,7 +126,7 @@ class CausalLM(nnx.Module):
             # write a transposed copy of the whole table on every step.
             logits_lv = jnp.einsum("ld,vd->lv", h_ld, self.embed[...], preferred_element_type=jnp.float32)
         else:
-            logits_lv = project(h_ld, self.lm_head, self.lm_head_scale, 1, self.dtype, out_dtype=jnp.float32)
+            logits_lv = project(h_ld, self.lm_head, self.lm_head_scale, 1, self.dtype, out_dtype=jnp.float32, backend=backend)
         # Padding columns of a vocabulary padded for tensor parallelism are never a token.
         logits_lv = logits_lv[:, : self.cfg.vocab_size]
         chex.assert_shape(logits_lv, (logits_indices_l.shape[0], self.cfg.vocab_size))

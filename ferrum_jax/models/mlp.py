@@ -24,13 +24,14 @@ class MLP(nnx.Module):
         self.up_bias = bias_param((f,), dtype) if cfg.mlp_bias else None
         self.down_bias = bias_param((d,), dtype) if cfg.mlp_bias else None
 
-    def __call__(self, x_td: jax.Array) -> jax.Array:
-        gate_tf = project(x_td, self.gate, self.gate_scale, 1, self.dtype)
-        up_tf = project(x_td, self.up, self.up_scale, 1, self.dtype)
+    def __call__(self, x_td: jax.Array, backend=None) -> jax.Array:
+        """backend: the step's AttentionBackend, which says whether int4 takes the GPU kernel."""
+        gate_tf = project(x_td, self.gate, self.gate_scale, 1, self.dtype, backend=backend)
+        up_tf = project(x_td, self.up, self.up_scale, 1, self.dtype, backend=backend)
         if self.gate_bias is not None:
             gate_tf = gate_tf + self.gate_bias[...]
             up_tf = up_tf + self.up_bias[...]
-        out_td = project(jax.nn.silu(gate_tf) * up_tf, self.down, self.down_scale, 1, self.dtype)
+        out_td = project(jax.nn.silu(gate_tf) * up_tf, self.down, self.down_scale, 1, self.dtype, backend=backend)
         if self.down_bias is not None:
             out_td = out_td + self.down_bias[...]
         return out_td

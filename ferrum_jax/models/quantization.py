@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ferrum_jax.interfaces.errors import FerrumError
+from pallas_kernels.int4_matmul import int4_block_sizes, int4_matmul_gpu
 
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -150,7 +151,9 @@ def linear_param(rngs: nnx.Rngs, shape: tuple[int, ...], n_in: int, dtype, quant
     return nnx.Param(ints), nnx.Param(scale)
 
 
-def project(x_tk: jax.Array, weight: nnx.Param, scale: nnx.Param | None, n_in: int, dtype, out_dtype=None) -> jax.Array:
+def project(
+    x_tk: jax.Array, weight: nnx.Param, scale: nnx.Param | None, n_in: int, dtype, out_dtype=None, backend=None
+) -> jax.Array:
     """`x_tk [tokens, K] @ weight [in..., out...] -> [tokens, out...]`, K the flattened inputs.
 
     Float weights are contracted in one dot, int8 ones too, their scales applied to the result.
@@ -160,7 +163,9 @@ def project(x_tk: jax.Array, weight: nnx.Param, scale: nnx.Param | None, n_in: i
     per-group scales over every element, 7x slower per layer than int8, and XLA:TPU write the
     dequantized weight out. `uint4` weights (TPU, see int4_codes) get at least
     UINT4_MIN_ROWS rows, below which XLA:TPU writes the converted codes out. With more tokens
-    the partial sums would outgrow the weight, so the weight is dequantized once instead."""
+    the partial sums would outgrow the weight, so the weight is dequantized once instead.
+    backend: the step's `AttentionBackend`; where its `int4_kernel` holds, packed int4 goes to
+    the Pallas GPU kernel at any token count."""
     w = weight[...]
     out_shape = w.shape[n_in:]
     t, k = x_tk.shape
@@ -173,6 +178,9 @@ def project(x_tk: jax.Array, weight: nnx.Param, scale: nnx.Param | None, n_in: i
     if scale is not None:
         s = scale[...]
         groups = s.shape[0]
+        if backend is not None and backend.int4_kernel and w.dtype == jnp.uint8 and _kernel_tiles(t, s, k):
+            y = int4_matmul_gpu(x_tk, w.reshape(k // 2, -1), s.reshape(groups, 2, -1), out_dtype=out_dtype or dtype)
+            return y.reshape(t, *out_shape)
         rows = max(t, UINT4_MIN_ROWS) if w.dtype == jnp.uint4 else t
         if rows * groups <= k:
             x_tk = jnp.pad(x_tk, ((0, rows - t), (0, 0)))
@@ -180,6 +188,14 @@ def project(x_tk: jax.Array, weight: nnx.Param, scale: nnx.Param | None, n_in: i
         w = dequantize_int4(w, s, n_in, dtype)
     y = jnp.dot(x_tk, w.reshape(k, -1), preferred_element_type=out_dtype)
     return y.reshape(t, *out_shape)
+
+
+def _kernel_tiles(t: int, s: jax.Array, k: int) -> bool:
+    try:
+        int4_block_sizes(t, s[0, 0].size, k // s.shape[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _grouped_partial_dots(x_tk: jax.Array, w: jax.Array, s: jax.Array, dtype, out_dtype) -> jax.Array:
