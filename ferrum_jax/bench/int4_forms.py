@@ -11,6 +11,10 @@ for comparison, as `int8` codes:
   dequantize then dot   the float weight built first, then one dot
 Reported: XLA's temporary bytes per program. A weight-sized temporary (112 MiB in bfloat16,
 224 MiB in float32) means the dequantized weight was written out instead of fed to the matmul.
+
+`--target cpu` instead times, on this machine, the two storage forms `models.int4_codes` picks
+between, through `project` itself: a 30-layer chain of SmolLM2-135M's int4 weights (groups of
+32, float32 activations, plain jit) held as packed nibbles (the CPU form) and as `uint4` (TPU's).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ def main(argv=None) -> None:
     p.add_argument("--target", default="tpu-v6e-1")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16])
     args = p.parse_args(argv)
+    if args.target == "cpu":
+        time_cpu_forms(args.tokens)
+        return
 
     import jax
     import jax.numpy as jnp
@@ -66,6 +73,46 @@ def main(argv=None) -> None:
                                                spec((groups, n), jnp.float32), spec((groups, n), jnp.float32)).compile()
                 temps.append(compiled.memory_analysis().temp_size_in_bytes / 2**20)
             print(f"| {tokens} | {name} | {temps[0]:.1f} | {temps[1]:.1f} |", flush=True)
+
+
+def time_cpu_forms(token_counts: list[int], layers: int = 30, repeats: int = 5) -> None:
+    import os
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from ferrum_jax.models import int4_codes
+    from ferrum_jax.models.quantization import Quantization, project, quantize
+
+    rng = np.random.default_rng(0)
+    print(f"XLA:CPU, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; ms per {layers}-layer chain, best of {repeats}")
+    print("| weight [in, out] | tokens | packed nibbles ms | uint4 ms | uint4 / packed |")
+    print("|---|---:|---:|---:|---:|")
+    for k, n in ((576, 1536), (1536, 576), (576, 49152)):
+        w = rng.normal(size=(layers, k, n)).astype(np.float32)
+        packed, scale = jax.jit(jax.vmap(lambda w: quantize(w, 1, Quantization("int4", 32))))(w)
+        forms = {"packed": packed, "uint4": jax.jit(lambda p: int4_codes.unpack(p, 1, 1, k // 32))(packed)}
+        for t in token_counts:
+            x = jnp.asarray(rng.normal(size=(t, k)), jnp.float32)
+
+            @jax.jit
+            def chain(x, w, s):
+                body = lambda i, acc: acc + project(x, nnx.Param(w[i]), nnx.Param(s[i]), 1, jnp.float32).sum()  # noqa: E731
+                return jax.lax.fori_loop(0, layers, body, 0.0)
+
+            ms = {}
+            for name, codes in forms.items():
+                chain(x, codes, scale).block_until_ready()
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    chain(x, codes, scale).block_until_ready()
+                    best = min(best, time.perf_counter() - t0)
+                ms[name] = best * 1e3
+            print(f"| [{k}, {n}] | {t} | {ms['packed']:.2f} | {ms['uint4']:.2f} | {ms['uint4'] / ms['packed']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
