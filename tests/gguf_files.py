@@ -91,7 +91,12 @@ def _encode(w: np.ndarray, tensor_type: str, rng: np.random.Generator) -> tuple[
     return gguf.quants.quantize(w.astype(np.float32), qtype), qtype
 
 
-def write_gguf(model, path: Path, tensor_type: str, vocab: Vocab, seed: int = 0, rope_freqs: np.ndarray | None = None) -> Path:
+def write_gguf(
+    model, path: Path, tensor_type: str, vocab: Vocab, seed: int = 0, rope_freqs: np.ndarray | None = None,
+    mixed: dict[str, str] | None = None,
+) -> Path:
+    """mixed: GGUF tensor-name suffix -> the type of the 2-D tensors with that suffix instead of
+    `tensor_type` (a llama.cpp Q4_K_M file puts some ffn_down and attn_v tensors in Q6_K)."""
     cfg = model.config
     arch = _arch(cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -134,7 +139,8 @@ def write_gguf(model, path: Path, tensor_type: str, vocab: Vocab, seed: int = 0,
             value = _permute(value, cfg.num_attention_heads)
         elif arch == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
             value = _permute(value, cfg.num_key_value_heads)
-        data, qtype = _encode(value, tensor_type, rng) if value.ndim == 2 else (value, gguf.GGMLQuantizationType.F32)
+        kind = next((t for suffix, t in (mixed or {}).items() if gguf_name(hf).endswith(suffix)), tensor_type)
+        data, qtype = _encode(value, kind, rng) if value.ndim == 2 else (value, gguf.GGMLQuantizationType.F32)
         w.add_tensor(gguf_name(hf), data, raw_dtype=qtype)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))

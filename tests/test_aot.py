@@ -103,7 +103,7 @@ def test_llama3_8b_int4_on_gpu_reads_packed_codes_in_the_pallas_kernel(tmp_path)
                             "--quantization", "int4")  # fmt: skip
     assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
     for name, text in hlo.items():
-        kernels = [line for line in text.splitlines() if KERNEL_CALL["gpu"] in line and 'name = "int4_matmul"' in line]
+        kernels = [line for line in text.splitlines() if KERNEL_CALL["gpu"] in line and 'name = "grouped_matmul"' in line]
         assert len(kernels) == 8, f"{name}: {len(kernels)} int4 kernel calls"
     for p in report["programs"]:
         extra = p["peak_bytes"] - report["weight_bytes_per_device"] - report["kv_pool_bytes_per_device"]

@@ -17,6 +17,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import ferrum_jax as fj
 from ferrum_jax.executor.loading import source_dtype
+from ferrum_jax.models.param_tree import flatten_state
+from ferrum_jax.models.quantization import Quantization, input_axes
 from ferrum_jax.serve.tokenizer import load_tokenizer
 from gguf_files import Vocab, write_gguf
 
@@ -146,13 +148,76 @@ def test_q4_gguf_loaded_as_int4_keeps_its_codes(tensor_type, llama_model, tmp_pa
     """`quantization="int4"` on a Q4_0/Q4_1/Q4_K file takes the file's 4-bit codes and scales as
     int4 groups of 32 (Q4_K's repacked): the logits are transformers' on the same file (its own
     dequantization), as close as the float load's; a requantization would move them further."""
-    from ferrum_jax.executor.loading import _all_int4_blocks
+    from ferrum_jax.executor.loading import _holds_blocks_of
     from ferrum_jax.models.gguf_file import open_gguf
     from ferrum_jax.models.gguf_weights import GGUFCheckpoint
 
     path = write_gguf(llama_model, tmp_path / f"llama-{tensor_type}.gguf", tensor_type, sentencepiece_vocab())
-    assert _all_int4_blocks(GGUFCheckpoint(open_gguf(path), {"model_type": "llama", **llama_model.config.to_dict()}))
+    ckpt = GGUFCheckpoint(open_gguf(path), {"model_type": "llama", **llama_model.config.to_dict()})
+    assert _holds_blocks_of(ckpt, "int4") and not _holds_blocks_of(ckpt, "int8")
     assert_close(ferrum_logits(path, TOKENS, quantization="int4"), transformers_logits(path, TOKENS))
+
+
+def our_weight(ex, path: str, layer: int) -> np.ndarray:
+    """One layer's weight of a quantized executor as HF's `[out, in]` float64, dequantized here
+    from its codes (int8 per group, or int4 nibbles: a group's first half low, second half high)."""
+    flat = {k: np.asarray(v) for k, v in flatten_state(ex._state).items()}
+    codes, scale = flat[path][layer], flat[path + "_scale"][layer].astype(np.float64)
+    groups, outs = scale.shape[0], int(np.prod(codes.shape[input_axes(path) :]))
+    if codes.dtype == np.int8:
+        w = codes.reshape(groups, -1, outs) * scale.reshape(groups, 1, outs)
+    else:
+        b = codes.reshape(groups, -1, outs).astype(np.int64)
+        step, offset = scale[:, 0].reshape(groups, 1, outs), scale[:, 1].reshape(groups, 1, outs)
+        w = np.concatenate([b & 0xF, b >> 4], axis=1) * step + offset
+    return w.reshape(-1, outs).T
+
+
+def test_q8_0_gguf_loaded_as_int8_keeps_its_codes(llama_model, tmp_path):
+    """`quantization="int8"` on a Q8_0 file takes its int8 codes and per-32 scales as grouped int8:
+    the weights are the gguf package's dequantization of the file exactly (per-channel int8 would
+    requantize them), and the logits transformers' on the same file."""
+    from ferrum_jax.models.gguf_file import open_gguf
+    from ferrum_jax.models.gguf_weights import GGUFCheckpoint
+
+    path = write_gguf(llama_model, tmp_path / "llama-Q8_0.gguf", "Q8_0", sentencepiece_vocab())
+    ex = fj.JaxModelExecutor.from_pretrained(path, progress=False, quantization="int8", **LIMITS)
+    assert ex.quantization == Quantization("int8", 32)
+    ckpt = GGUFCheckpoint(open_gguf(path), {"model_type": "llama", **llama_model.config.to_dict()})
+    np.testing.assert_array_equal(our_weight(ex, "layers.mlp.down", 1), ckpt.read("model.layers.1.mlp.down_proj.weight"))
+    q = our_weight(ex, "layers.attn.wq", 0)
+    np.testing.assert_array_equal(q.reshape(q.shape[0], -1), ckpt.read("model.layers.0.self_attn.q_proj.weight"))
+    tokens = TOKENS
+    assert_close(ferrum_logits(path, tokens, quantization="int8"), transformers_logits(path, tokens))
+
+
+def test_a_mixed_q4_k_m_style_gguf_keeps_its_q4_k_codes_as_int4(llama_model, tmp_path):
+    """A file mixing Q4_K and Q6_K (as llama.cpp's Q4_K_M does: attn_v everywhere, ffn_down in one
+    layer) loads with int4 in groups of 32: the Q4_K tensors exactly as the file holds them, the
+    Q6_K ones quantized to int4 (within half a step of the file's values)."""
+    from ferrum_jax.models.gguf_file import open_gguf
+    from ferrum_jax.models.gguf_weights import GGUFCheckpoint
+
+    mixed = {"attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K"}
+    path = write_gguf(llama_model, tmp_path / "llama-Q4_K_M.gguf", "Q4_K", sentencepiece_vocab(), mixed=mixed)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert kinds["blk.0.ffn_down.weight"] == "Q6_K" and kinds["blk.1.ffn_down.weight"] == "Q4_K"
+    ex = fj.JaxModelExecutor.from_pretrained(path, progress=False, quantization="int4", **LIMITS)
+    assert ex.quantization == Quantization("int4", 32)
+    ckpt = GGUFCheckpoint(open_gguf(path), {"model_type": "llama", **llama_model.config.to_dict()})
+    np.testing.assert_array_equal(our_weight(ex, "layers.mlp.down", 1), ckpt.read("model.layers.1.mlp.down_proj.weight"))
+    for layer, hf in ((0, "model.layers.0.mlp.down_proj.weight"), (1, "model.layers.1.self_attn.v_proj.weight")):
+        path_ = "layers.mlp.down" if "down" in hf else "layers.attn.wv"
+        ours, file = our_weight(ex, path_, layer).reshape(ckpt.read(hf).shape), ckpt.read(hf)
+        groups = file.reshape(file.shape[0], -1, 32)
+        half_step = (groups.max(-1) - groups.min(-1)) / 15 / 2
+        assert (np.abs(ours - file).reshape(groups.shape) <= half_step[..., None] + 1e-6).all(), hf
+    # Against transformers' float reading of the file, closer than regrouping every tensor by 64.
+    ref = transformers_logits(path, TOKENS)
+    kept = np.abs(ferrum_logits(path, TOKENS, quantization="int4") - ref).max() / np.abs(ref).max()
+    regrouped = np.abs(ferrum_logits(path, TOKENS, quantization=Quantization("int4", 64)) - ref).max() / np.abs(ref).max()
+    print(f"mixed Q4_K/Q6_K file as int4, max |logit diff| / max |logit|: file groups {kept:.3f}, regrouped by 64 {regrouped:.3f}")
+    assert kept < regrouped
 
 
 # transformers' GGUF config for qwen3 ignores the head size key, so its head_dim is Qwen3's own 128.

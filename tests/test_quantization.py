@@ -38,10 +38,14 @@ def unpack_groups(packed: np.ndarray, n_in: int, groups: int) -> np.ndarray:
 
 
 def numpy_dequantize(ints: np.ndarray, scale: np.ndarray, n_in: int) -> np.ndarray:
-    """The oracle: int8 per output channel; int4 affine over groups of consecutive rows of the
-    last input axis, scale[:, 0] the step and scale[:, 1] the offset of each group."""
-    if ints.dtype == np.int8:
+    """The oracle: int8 per output channel or per group (scale `[groups, out...]`); int4 affine
+    over groups of consecutive rows of the last input axis, scale[:, 0] the step and scale[:, 1]
+    the offset of each group."""
+    if ints.dtype == np.int8 and scale.ndim == ints.ndim - n_in:
         return ints.astype(np.float32) * scale
+    if ints.dtype == np.int8:
+        groups = scale.shape[0]
+        return (ints.reshape(groups, -1, *ints.shape[n_in:]) * scale[:, None]).reshape(ints.shape).astype(np.float32)
     values = unpack_groups(ints, n_in, scale.shape[0])
     shape = (*ints.shape[: n_in - 1], 2 * ints.shape[n_in - 1], *ints.shape[n_in:])
     return (values * scale[:, 0][:, None] + scale[:, 1][:, None]).reshape(shape).astype(np.float32)
@@ -79,6 +83,18 @@ def test_int4_is_affine_per_group_and_packed(shape, n_in, group):
     np.testing.assert_allclose(deq.max(1), wg.max(1), atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, n_in", [((256, 4, 32), 1), ((4, 64, 96), 2)])
+def test_grouped_int8_is_symmetric_per_group(shape, n_in):
+    """GGUF Q8_0's form: one scale per 32 consecutive rows of the last input axis and output."""
+    w = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    ints, scale = (np.asarray(a) for a in jax.jit(lambda x: quantize(x, n_in, Quantization("int8", 32)))(w))
+    groups = math.prod(shape[:n_in]) // 32
+    wg = w.reshape(groups, 32, *shape[n_in:])
+    assert ints.dtype == np.int8 and ints.shape == shape and scale.shape == (groups, *shape[n_in:])
+    np.testing.assert_allclose(scale, np.abs(wg).max(1) / 127, rtol=1e-6)
+    assert np.abs(ints.reshape(wg.shape) - wg / scale[:, None]).max() <= 0.5 + 1e-4
+
+
 def all_logits(ex, ids):
     """The executor's float32 logits at every position of `ids`, one forward from empty."""
     handle = ex.new_kv_cache()
@@ -110,14 +126,14 @@ def _dequantized_twin(ex: JaxModelExecutor) -> JaxModelExecutor:
 LIMITS_NO_DTYPE = {k: v for k, v in LIMITS.items() if k != "dtype"}
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", Quantization("int8", 32)], ids=["int8", "int4", "int8_g32"])
 def test_quantized_step_equals_the_float_step_over_dequantized_weights(method):
     ex = fj.JaxModelExecutor.from_preset("tiny", quantization=method, **LIMITS)
     ids = list(range(3, 60))
     np.testing.assert_allclose(all_logits(ex, ids), all_logits(_dequantized_twin(ex), ids), atol=2e-5, rtol=1e-5)
     floats = fj.JaxModelExecutor.from_preset("tiny", **LIMITS)
     ratio = ex.memory_requirements().parameter_memory / floats.memory_requirements().parameter_memory
-    assert ratio < (0.5 if method == "int8" else 0.4)
+    assert ratio < (0.4 if method == "int4" else 0.5 if method == "int8" else 0.55)
 
 
 @pytest.mark.parametrize("shape, lead, n_in, groups", [((3, 64, 4, 32), 1, 1, 1), ((2, 4, 16, 48), 1, 2, 4), ((96, 40), 0, 1, 3)])
@@ -133,20 +149,22 @@ def test_uint4_codes_are_the_packed_nibbles_unpacked(shape, lead, n_in, groups):
     np.testing.assert_array_equal(np.asarray(back), packed)
 
 
+@pytest.mark.parametrize("form", ["uint4", "int8_g32"])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 24, 300])
 @pytest.mark.parametrize("shape, n_in", [((256, 4, 32), 1), ((4, 64, 96), 2)])
-def test_uint4_project_equals_the_dot_over_dequantized_weights(tokens, shape, n_in):
-    """TPU's form through `project` (plain jit: XLA:CPU's ahead-of-time executables want uint4
-    arguments in a packed layout its arrays do not have): decode rows padded to 8, grouped
-    partial dots up to groups x rows = inputs (here 2 and 4 groups: 128 and 64 rows), the
-    weight dequantized beyond, all against the numpy oracle's float weight."""
+def test_grouped_project_equals_the_dot_over_dequantized_weights(form, tokens, shape, n_in):
+    """TPU's int4 form and grouped int8 through `project` (plain jit: XLA:CPU's ahead-of-time
+    executables want uint4 arguments in a packed layout its arrays do not have): uint4 decode
+    rows padded to 8, grouped partial dots up to groups x rows = inputs, the weight dequantized
+    beyond, all against the numpy oracle's float weight."""
     rng = np.random.default_rng(3)
     w = rng.normal(size=shape).astype(np.float32)
-    packed, scale = (np.asarray(a) for a in jax.jit(lambda x: quantize(x, n_in, Quantization("int4")))(w))
-    codes = jax.jit(lambda p: int4_codes.unpack(p, 0, n_in, scale.shape[0]))(packed)
+    quant = Quantization("int4") if form == "uint4" else Quantization("int8", 32)
+    ints, scale = (np.asarray(a) for a in jax.jit(lambda x: quantize(x, n_in, quant))(w))
+    codes = jax.jit(lambda p: int4_codes.unpack(p, 0, n_in, scale.shape[0]))(ints) if form == "uint4" else ints
     x = rng.normal(size=(tokens, math.prod(shape[:n_in]))).astype(np.float32)
     y = jax.jit(lambda x, c, s: project(x, nnx.Param(c), nnx.Param(s), n_in, jnp.float32))(x, codes, scale)
-    want = x @ numpy_dequantize(packed, scale, n_in).reshape(x.shape[1], -1)
+    want = x @ numpy_dequantize(ints, scale, n_in).reshape(x.shape[1], -1)
     np.testing.assert_allclose(np.asarray(y).reshape(want.shape), want, atol=2e-4, rtol=1e-5)
 
 
@@ -167,9 +185,10 @@ def test_an_executor_holding_uint4_codes_saves_the_packed_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(back[k]), want[k], err_msg=k)
 
 
-def test_tensor_parallel_quantized_equals_one_device():
-    one = fj.JaxModelExecutor.from_preset("tiny", quantization="int4", **LIMITS)
-    two = fj.JaxModelExecutor.from_preset("tiny", quantization="int4", tensor_parallel_size=2, **LIMITS)
+@pytest.mark.parametrize("method", ["int4", Quantization("int8", 32)], ids=["int4", "int8_g32"])
+def test_tensor_parallel_quantized_equals_one_device(method):
+    one = fj.JaxModelExecutor.from_preset("tiny", quantization=method, **LIMITS)
+    two = fj.JaxModelExecutor.from_preset("tiny", quantization=method, tensor_parallel_size=2, **LIMITS)
     ids = list(range(5, 40))
     np.testing.assert_allclose(all_logits(one, ids), all_logits(two, ids), atol=2e-4, rtol=1e-4)
     # Row-parallel down: its groups split with its inputs when each shard holds whole groups.

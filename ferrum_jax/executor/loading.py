@@ -2,7 +2,8 @@
 
 Whatever the source holds, the parameters arrive on device in the requested dtype: HF and GGUF
 tensors are converted on the host one at a time (GGUF ones dequantized to float32 first), and
-quantized there when a weight quantization is asked for; an orbax checkpoint is restored in its
+quantized there when a weight quantization is asked for (GGUF blocks that are that quantization
+already, Q4_0/Q4_1/Q4_K for int4 and Q8_0 for int8, load as they are); an orbax checkpoint is restored in its
 stored dtype, shard by shard, and cast on device (its quantized weights and scales as stored).
 """
 
@@ -86,9 +87,11 @@ def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True, quant
 
 def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, model_id: str, quant) -> Loaded:
     cfg = ModelConfig.from_hf_dict(hf_config)
-    if quant is not None and quant.packed and quant.group_size is None and _all_int4_blocks(ckpt):
-        # A Q4_0/Q4_1/Q4_K GGUF file: int4 in its own 32-input groups is the file's exact precision
-        # (regrouping by 128 loses it: +45% perplexity on the default model), and loads unconverted.
+    if quant is not None and quant.group_size is None and _holds_blocks_of(ckpt, quant.method):
+        # A GGUF file with Q4_0/Q4_1/Q4_K (int4) or Q8_0 (int8) linear tensors: their own 32-input
+        # groups are the file's exact precision (regrouping int4 by 128 loses it: +45% perplexity
+        # on the default model) and load unconverted; other tensors of a mixed file (Q4_K_M's
+        # Q6_K ones) are quantized into the same groups.
         quant = Quantization(quant.method, 32)
     graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype), mesh.shape["model"], quant)
     flat = load_hf_params(
@@ -98,9 +101,10 @@ def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, m
     return Loaded(cfg, hf_config, graphdef, unflatten_into(abstract, flat), model_id, quant)
 
 
-def _all_int4_blocks(ckpt) -> bool:
-    linear = [n for n in ckpt.entries if n.endswith("_proj.weight")]
-    return hasattr(ckpt, "int4_type") and bool(linear) and all(ckpt.int4_type(n) for n in linear)
+def _holds_blocks_of(ckpt, method: str) -> bool:
+    """Whether any linear tensor of `ckpt` is GGUF blocks that load as `method` unconverted."""
+    block_method = getattr(ckpt, "block_method", None)
+    return block_method is not None and any(block_method(n) == method for n in ckpt.entries if n.endswith("_proj.weight"))
 
 
 def _restore(path: Path, hf_config: dict, dtype: str, mesh: Mesh, quant: Quantization | None) -> Loaded:

@@ -10,7 +10,7 @@ GGUF files unchanged. Two things differ from a HF file and are undone here:
   kernel wants). HF's `rotate_half` wants the halves contiguous, so the rows are put back.
   Qwen files are written unpermuted (llama.cpp rotates them in the NeoX layout, which is HF's).
 
-`read_int4` hands Q4_0 / Q4_1 / Q4_K tensors over still quantized, as ferrum's int4 at group 32
+`read_blocks` hands Q4_0 / Q4_1 / Q4_K tensors over still quantized, as ferrum's int4 at group 32
 (`models.quantization`: value = q * step + offset, 16 bytes a group whose low nibbles are inputs
 0-15 and high nibbles inputs 16-31). Q4_0/Q4_1: a block of 32 inputs is one f16 scale d (and
 for Q4_1 a minimum m) and 16 bytes in exactly that layout: step d, offset m, or -8 d for Q4_0's
@@ -18,7 +18,9 @@ centred values. Q4_K: a super-block of 256 inputs is f16 d and dmin, twelve byte
 6-bit (scale, min) pairs, and 128 bytes holding eight groups of 32 two by two (byte i of a
 64-input chunk: low nibble input i, high nibble input 32 + i); each group is step d * scale,
 offset -dmin * min, and its nibbles are repacked into ferrum's order (a shuffle of the 4-bit
-codes, no float values in between). Q8_0 and the other K-quants load through a float copy.
+codes, no float values in between). `read_blocks` also hands Q8_0 tensors over as ferrum's
+grouped int8 at group 32 (a block is its f16 scale d and 32 int8 codes: w = d * q). The other
+K-quants load through a float copy.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ _CONFIG_TENSORS = {"rope_freqs.weight"}
 # Bytes before the 16 nibble bytes of a 32-input block.
 _INT4_BLOCKS = {"Q4_0": 2, "Q4_1": 4}
 _Q4_K_BLOCK = 144  # bytes of 256 inputs: d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 of nibbles
+_Q8_0_BLOCK = 34  # bytes of 32 inputs: d (f16), 32 int8 codes
 _PERMUTED_ARCHS = ("llama", "mistral")
 
 
@@ -94,28 +97,36 @@ class GGUFCheckpoint:
         heads = self._row_groups.get(name)
         return values if heads is None else _unpermute_rows(values, heads)
 
-    def int4_type(self, name: str) -> str | None:
-        """"Q4_0" / "Q4_1" / "Q4_K" when `read_int4` can hand the tensor over quantized, else None."""
+    def block_method(self, name: str) -> str | None:
+        """"int4" (Q4_0 / Q4_1 / Q4_K) or "int8" (Q8_0) when `read_blocks` can hand the tensor
+        over quantized in groups of 32, else None."""
         kind = self._file.tensors[self.entries[name].gguf_name].type_name
-        return kind if kind in _INT4_BLOCKS or kind == "Q4_K" else None
+        return "int4" if kind in _INT4_BLOCKS or kind == "Q4_K" else "int8" if kind == "Q8_0" else None
 
-    def read_int4(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A Q4_0/Q4_1/Q4_K tensor `[out, in]` as (packed `[out, in / 2]` uint8, step
-        `[out, in / 32]`, offset `[out, in / 32]` float32): the file's own 4-bit codes and
-        scales, rows in HF order."""
+    def read_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A tensor `[out, in]` of `block_method` as ferrum's codes and scales in groups of 32,
+        rows in HF order: int4 (packed `[out, in / 2]` uint8, `[out, in / 32, 2]` step and
+        offset), int8 (`[out, in]` int8, `[out, in / 32]` scale); the file's own codes and
+        scales, no float weight in between."""
         kind, raw = self._file.raw(self.entries[name].gguf_name)
-        if kind == "Q4_K":
-            packed, step, offset = _q4_k_groups(raw.reshape(raw.shape[0], -1, _Q4_K_BLOCK))
+        rows = raw.shape[0]
+        if kind == "Q8_0":
+            blocks = raw.reshape(rows, -1, _Q8_0_BLOCK)
+            codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, -1)
+            scale = _f16(blocks[..., 0:2])
+        elif kind == "Q4_K":
+            codes, step, offset = _q4_k_groups(raw.reshape(rows, -1, _Q4_K_BLOCK))
+            scale = np.stack([step, offset], axis=-1)
         else:
             header = _INT4_BLOCKS[kind]
-            blocks = raw.reshape(raw.shape[0], -1, header + 16)
+            blocks = raw.reshape(rows, -1, header + 16)
             step = _f16(blocks[..., 0:2])
             offset = _f16(blocks[..., 2:4]) if kind == "Q4_1" else -8 * step
-            packed = np.ascontiguousarray(blocks[..., header:]).reshape(raw.shape[0], -1)
+            codes, scale = np.ascontiguousarray(blocks[..., header:]).reshape(rows, -1), np.stack([step, offset], axis=-1)
         heads = self._row_groups.get(name)
         if heads is not None:
-            packed, step, offset = (_unpermute_rows(a, heads) for a in (packed, step, offset))
-        return packed, step, offset
+            codes, scale = _unpermute_rows(codes, heads), _unpermute_rows(scale, heads)
+        return codes, scale
 
 
 def _f16(two_bytes: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ as a dequantized copy of the weight on every step (`python -m ferrum_jax.bench i
 its state (`to_uint4`), and saving a checkpoint packs them back (`to_packed`).
 
 XLA:CPU runs the packed form faster (one byte load feeds two codes), so CPU keeps it; on GPU
-neither form fuses and the Pallas int4 kernel (pallas_kernels.int4_matmul) reads the packed bytes.
+neither form fuses and the Pallas kernel (pallas_kernels.grouped_matmul) reads the packed bytes.
 """
 
 from __future__ import annotations

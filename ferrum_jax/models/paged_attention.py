@@ -53,11 +53,11 @@ class AttentionBackend:
         return jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
 
     @property
-    def int4_kernel(self) -> bool:
-        """Whether int4 matmuls read their packed codes in the Pallas GPU kernel
-        (pallas_kernels.int4_matmul): on a GPU with the Pallas kernels, one model shard (under
-        tensor parallelism the kernel would need the layer's shard_map specs, which `project`
-        does not know; XLA's grouped dots take those)."""
+    def grouped_kernel(self) -> bool:
+        """Whether grouped quantized matmuls (int4, grouped int8) read their codes in the Pallas
+        GPU kernel (pallas_kernels.grouped_matmul): on a GPU with the Pallas kernels, one model
+        shard (under tensor parallelism the kernel would need the layer's shard_map specs, which
+        `project` does not know; XLA's grouped dots take those)."""
         return self.kind == "pallas" and self.platform == "gpu" and (self.mesh is None or self.mesh.shape["model"] == 1)
 
     @property

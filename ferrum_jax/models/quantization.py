@@ -1,9 +1,11 @@
-"""Weight-only quantization of the linear layers: int8 per output channel, int4 per group.
+"""Weight-only quantization of the linear layers: int8 per output channel or per group, int4 per group.
 
 A quantized weight keeps its parameter path and its float layout (`wq [hidden, heads,
 head_dim]`), stored as integers, beside a float32 `<name>_scale`:
   int8  symmetric, scale `[out...]`: w[in, out] ~ q[in, out] * scale[out], q in [-127, 127]
-        (max |w| over the inputs / 127);
+        (max |w| over the inputs / 127). With a group size (GGUF Q8_0's blocks of 32, which
+        load as they are), one scale per group of consecutive rows of the last input axis
+        and output: scale `[groups, out...]`, w ~ q * scale[group];
   int4  affine, scale `[groups, 2, out...]` (per group a step and an offset): the last input
         axis falls in groups of `group_size` consecutive rows (halved until it divides that
         axis: 64 for a 64-dim head of wo or SmolLM2's hidden 576) and w ~ q * step + offset,
@@ -15,7 +17,8 @@ Round to nearest. int4 is affine because symmetric int4 wastes a level and centr
 on zero: on the default model (SmolLM2-135M) symmetric groups of 128 cost +43% perplexity
 (tests/test_quantization.py's text). It is packed by hand rather than stored as `jnp.int4`:
 XLA:CPU lays out an int4 argument unpacked while its compiled programs expect it packed (a
-layout mismatch at the first call), and a byte array is half the bytes on every backend.
+layout mismatch at the first call), and a byte array is half the bytes on every backend; on TPU
+the executor turns it into XLA's `uint4` (int4_codes).
 
 The layers contract the integer weights in the step (`project`): on TPU and GPU the convert of
 int8, and on TPU of int4 held as XLA's `uint4` (int4_codes), fuses into the matmul's operand; on
@@ -37,12 +40,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ferrum_jax.interfaces.errors import FerrumError
-from pallas_kernels.int4_matmul import int4_block_sizes, int4_matmul_gpu
+from pallas_kernels.grouped_matmul import grouped_block_sizes, grouped_matmul_gpu
 
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
-# Rows an int4 dot over `uint4` weights is padded to (project).
-UINT4_MIN_ROWS = 8
+# Rows a grouped dot is padded to where XLA writes the converted codes out below it: over
+# `uint4` weights (TPU) and over grouped int8 on TPU and GPU (`project`).
+GROUPED_MIN_ROWS = 8
 
 # Quantized parameters -> how many leading axes of a layer's weight are inputs.
 LINEAR_INPUT_AXES = {
@@ -55,8 +59,9 @@ SCALE_SUFFIX = "_scale"
 @dataclasses.dataclass(frozen=True)
 class Quantization:
     method: str  # "int8" | "int4"
-    # int4 only; None: DEFAULT_GROUP_SIZE, or 32 for a GGUF file of Q4_0/Q4_1 tensors, whose
-    # blocks then load as they are (executor.loading).
+    # int4: None is DEFAULT_GROUP_SIZE; int8: None is per output channel. 32 for a GGUF file of
+    # Q4_0/Q4_1/Q4_K (int4) or Q8_0 (int8) tensors, whose blocks then load as they are
+    # (executor.loading).
     group_size: int | None = None
 
     def __post_init__(self):
@@ -73,14 +78,21 @@ class Quantization:
     def packed(self) -> bool:
         return self.method == "int4"
 
+    @property
+    def grouped(self) -> bool:
+        return self.packed or self.group_size is not None
+
     def group(self, rows: int) -> int:
-        """The int4 group along a last input axis of `rows`: group_size, halved until it
-        divides the axis (and stays even, for the two nibbles)."""
+        """The group along a last input axis of `rows`: group_size, halved until it divides the
+        axis (and, for int4, stays even: two nibbles)."""
         g = self.group_size or DEFAULT_GROUP_SIZE
-        while rows % g or g % 2:
+        least = 2 if self.packed else 1
+        while rows % g or g % least:
             g //= 2
-            if g < 2:
-                raise FerrumError.invalid_config(f"int4 groups need an even divisor of the input axis {rows}; {self.group_size} has none")
+            if g < least:
+                raise FerrumError.invalid_config(
+                    f"{self.method} groups need a divisor of the input axis {rows}; group_size {self.group_size} has none"
+                )
         return g
 
 
@@ -109,7 +121,7 @@ def quantize(w, n_in: int, q: Quantization, xp=jnp):
     is jnp (in a program) or np (on the host, one layer at a time)."""
     out_shape = w.shape[n_in:]
     w = w.astype(xp.float32)
-    if not q.packed:
+    if not q.grouped:
         k = math.prod(w.shape[:n_in])
         scale = xp.max(xp.abs(xp.reshape(w, (k, *out_shape))), axis=0) / 127
         scale = xp.where(scale == 0, xp.float32(1), scale).astype(xp.float32)
@@ -117,6 +129,10 @@ def quantize(w, n_in: int, q: Quantization, xp=jnp):
     g = q.group(w.shape[n_in - 1])
     groups = math.prod(w.shape[:n_in]) // g
     wg = xp.reshape(w, (groups, g, *out_shape))
+    if not q.packed:
+        scale = xp.max(xp.abs(wg), axis=1) / 127
+        scale = xp.where(scale == 0, xp.float32(1), scale).astype(xp.float32)
+        return xp.reshape(xp.clip(xp.round(wg / scale[:, None]), -127, 127).astype(xp.int8), w.shape), scale
     low, high = xp.min(wg, axis=1), xp.max(wg, axis=1)
     step = (high - low) / 15
     step = xp.where(step == 0, xp.float32(1), step).astype(xp.float32)
@@ -125,21 +141,32 @@ def quantize(w, n_in: int, q: Quantization, xp=jnp):
     return xp.reshape(packed, stored_shape(w.shape, n_in, q)), xp.stack([step, low.astype(xp.float32)], axis=1)
 
 
-def dequantize_int4(ints: jax.Array, scale: jax.Array, n_in: int, dtype) -> jax.Array:
-    """The float weight `[in..., out...]` in `dtype` of int4 codes, packed bytes or `uint4`
-    (int8 never needs it: its scales are applied to the matmul's result, see `project`)."""
+def dequantize_groups(ints: jax.Array, scale: jax.Array, n_in: int, dtype) -> jax.Array:
+    """The float weight `[in..., out...]` in `dtype` of grouped codes: int4 (packed bytes or
+    `uint4`) or grouped int8 (per-channel int8 never needs it: its scales are applied to the
+    matmul's result, see `project`)."""
     groups = scale.shape[0]
-    step, offset = (scale[:, i].reshape(groups, 1, -1).astype(dtype) for i in (0, 1))
-    w = _group_codes(ints, groups, n_in).astype(dtype) * step + offset
+    step, offset = _steps_offsets(ints, scale, dtype)
+    w = _group_codes(ints, groups, n_in).astype(dtype) * step[:, None]
+    if offset is not None:
+        w = w + offset[:, None]
     return w.reshape(float_shape(ints.shape, n_in, ints.dtype == jnp.uint8))
 
 
 def _group_codes(ints: jax.Array, groups: int, n_in: int) -> jax.Array:
-    """`[groups, group, out]` codes of packed bytes or of `uint4` codes (int4_codes)."""
+    """`[groups, group, out]` codes of packed bytes, `uint4` codes (int4_codes) or int8 ones."""
     grouped = ints.reshape(groups, -1, math.prod(ints.shape[n_in:]))
-    if ints.dtype == jnp.uint4:
+    if ints.dtype != jnp.uint8:
         return grouped
     return jnp.concatenate([grouped & 0xF, grouped >> 4], axis=1)
+
+
+def _steps_offsets(ints: jax.Array, scale: jax.Array, dtype) -> tuple[jax.Array, jax.Array | None]:
+    """`[groups, out]` steps, and offsets (int4) or None (int8, symmetric)."""
+    groups = scale.shape[0]
+    if ints.dtype == jnp.int8:
+        return scale.reshape(groups, -1).astype(dtype), None
+    return scale[:, 0].reshape(groups, -1).astype(dtype), scale[:, 1].reshape(groups, -1).astype(dtype)
 
 
 def linear_param(rngs: nnx.Rngs, shape: tuple[int, ...], n_in: int, dtype, quant: Quantization | None):
@@ -156,81 +183,89 @@ def project(
 ) -> jax.Array:
     """`x_tk [tokens, K] @ weight [in..., out...] -> [tokens, out...]`, K the flattened inputs.
 
-    Float weights are contracted in one dot, int8 ones too, their scales applied to the result.
-    int4 with few tokens (tokens x groups no more than K: decode) contracts each group's codes
-    and applies the group's step and offset to the `[tokens, groups, out]` partial sums, which
-    is smaller than the weight: dequantizing the weight first made XLA:CPU broadcast the
-    per-group scales over every element, 7x slower per layer than int8, and XLA:TPU write the
-    dequantized weight out. `uint4` weights (TPU, see int4_codes) get at least
-    UINT4_MIN_ROWS rows, below which XLA:TPU writes the converted codes out. With more tokens
-    the partial sums would outgrow the weight, so the weight is dequantized once instead.
-    backend: the step's `AttentionBackend`; where its `int4_kernel` holds, packed int4 goes to
-    the Pallas GPU kernel at any token count."""
+    Float weights are contracted in one dot, per-channel int8 ones too, their scales applied to
+    the result. Grouped codes (int4, grouped int8) with few tokens (tokens x groups no more than
+    K: decode) are contracted group by group and each group's step (and offset) applied to the
+    `[tokens, groups, out]` partial sums, which is smaller than the weight: dequantizing the
+    weight first made XLA:CPU broadcast the per-group scales over every element, 7x slower per
+    layer than int8, and XLA:TPU write the dequantized weight out. `uint4` weights (TPU, see
+    int4_codes), and grouped int8 on TPU and GPU, get at least GROUPED_MIN_ROWS rows, below which
+    XLA writes the converted codes out (`python -m ferrum_jax.bench int4-forms`). With more
+    tokens the partial sums would outgrow the weight, so the weight is dequantized once instead.
+    backend: the step's `AttentionBackend` (its platform; where its `grouped_kernel` holds,
+    packed int4 and grouped int8 go to the Pallas GPU kernel at any token count)."""
     w = weight[...]
     out_shape = w.shape[n_in:]
     t, k = x_tk.shape
-    if scale is not None and w.dtype == jnp.int8:
+    if scale is None:
+        return jnp.dot(x_tk, w.reshape(k, -1), preferred_element_type=out_dtype).reshape(t, *out_shape)
+    s = scale[...]
+    if w.dtype == jnp.int8 and s.ndim == len(out_shape):
         # Per-output-channel scales commute with the contraction: scaling the `[tokens, out]`
         # result leaves the dot a bare convert to fuse. Scaling the weight first made XLA:GPU
         # write a dequantized copy of Llama-3-8B's lm_head (1.05 GB) every step.
         y = jnp.dot(x_tk, w.reshape(k, -1).astype(dtype), preferred_element_type=out_dtype)
-        return (y * scale[...].reshape(-1).astype(y.dtype)).reshape(t, *out_shape)
-    if scale is not None:
-        s = scale[...]
-        groups = s.shape[0]
-        if backend is not None and backend.int4_kernel and w.dtype == jnp.uint8 and _kernel_tiles(t, s, k):
-            y = int4_matmul_gpu(x_tk, w.reshape(k // 2, -1), s.reshape(groups, 2, -1), out_dtype=out_dtype or dtype)
-            return y.reshape(t, *out_shape)
-        rows = max(t, UINT4_MIN_ROWS) if w.dtype == jnp.uint4 else t
-        if rows * groups <= k:
-            x_tk = jnp.pad(x_tk, ((0, rows - t), (0, 0)))
-            return _grouped_partial_dots(x_tk, w, s, dtype, out_dtype)[:t].reshape(t, *out_shape)
-        w = dequantize_int4(w, s, n_in, dtype)
-    y = jnp.dot(x_tk, w.reshape(k, -1), preferred_element_type=out_dtype)
-    return y.reshape(t, *out_shape)
+        return (y * s.reshape(-1).astype(y.dtype)).reshape(t, *out_shape)
+    groups = s.shape[0]
+    if backend is not None and backend.grouped_kernel and _kernel_tiles(t, w, s, k):
+        packed = w.dtype == jnp.uint8
+        codes = w.reshape(k // 2 if packed else k, -1)
+        y = grouped_matmul_gpu(x_tk, codes, s.reshape(groups, *((2,) if packed else ()), -1), out_dtype=out_dtype or dtype)
+        return y.reshape(t, *out_shape)
+    accelerator = backend is not None and backend.platform in ("tpu", "gpu")
+    rows = max(t, GROUPED_MIN_ROWS) if w.dtype == jnp.uint4 or (w.dtype == jnp.int8 and accelerator) else t
+    if rows * groups <= k:
+        x_tk = jnp.pad(x_tk, ((0, rows - t), (0, 0)))
+        return _grouped_partial_dots(x_tk, w, s, dtype, out_dtype)[:t].reshape(t, *out_shape)
+    w = dequantize_groups(w, s, n_in, dtype)
+    return jnp.dot(x_tk, w.reshape(k, -1), preferred_element_type=out_dtype).reshape(t, *out_shape)
 
 
-def _kernel_tiles(t: int, s: jax.Array, k: int) -> bool:
+def _kernel_tiles(t: int, w: jax.Array, s: jax.Array, k: int) -> bool:
+    """Whether the GPU kernel takes these codes (packed int4 or grouped int8) at these sizes."""
+    if w.dtype not in (jnp.uint8, jnp.int8):
+        return False
     try:
-        int4_block_sizes(t, s[0, 0].size, k // s.shape[0])
+        grouped_block_sizes(t, math.prod(w.shape) // (k // 2 if w.dtype == jnp.uint8 else k), k // s.shape[0], w.dtype == jnp.uint8)
     except ValueError:
         return False
     return True
 
 
 def _grouped_partial_dots(x_tk: jax.Array, w: jax.Array, s: jax.Array, dtype, out_dtype) -> jax.Array:
-    """`[tokens, out]`: int4 codes contracted per group, then each group's step and offset."""
+    """`[tokens, out]`: grouped codes contracted per group, then each group's step and offset."""
     t = x_tk.shape[0]
     groups = s.shape[0]
+    step, offset = _steps_offsets(w, s, dtype)
     # Groups lead (the dots' batch axis): with tokens leading XLA:CPU transposed every
     # partial sum, 4.5x slower at 8 tokens.
-    if w.dtype == jnp.uint4:
-        codes = w.reshape(groups, -1, s[0, 0].size).astype(dtype)
+    if w.dtype != jnp.uint8:
+        codes = w.reshape(groups, -1, step.shape[1]).astype(dtype)
         x_g = x_tk.reshape(t, groups, -1).transpose(1, 0, 2)
         partial = jnp.einsum("gti,gio->gto", x_g, codes, preferred_element_type=out_dtype)
         x_sum = x_g.sum(2)
     else:
         # Packed bytes: each group's halves against the low and the high nibbles.
-        packed = w.reshape(groups, -1, s[0, 0].size)
+        packed = w.reshape(groups, -1, step.shape[1])
         x_g = x_tk.reshape(t, groups, 2, packed.shape[1]).transpose(1, 2, 0, 3)
         low, high = (packed & 0xF).astype(dtype), (packed >> 4).astype(dtype)
         partial = jnp.einsum("gti,gio->gto", x_g[:, 0], low, preferred_element_type=out_dtype)
         partial += jnp.einsum("gti,gio->gto", x_g[:, 1], high, preferred_element_type=out_dtype)
         x_sum = x_g.sum((1, 3))
-    step, offset = s[:, 0].reshape(groups, -1).astype(dtype), s[:, 1].reshape(groups, -1).astype(dtype)
     y = jnp.einsum("gto,go->to", partial, step, preferred_element_type=out_dtype)
+    if offset is None:
+        return y
     return y + jnp.einsum("gt,go->to", x_sum, offset, preferred_element_type=out_dtype)
 
 
-def scale_spec(weight_spec: P, n_in: int, groups: int | None, tp: int) -> P:
+def scale_spec(weight_spec: P, n_in: int, groups: int | None, tp: int, inner: int = 1) -> P:
     """Sharding of one layer's scale from its weight's: per channel (groups None), the output
-    axes'; grouped, a groups axis first, split like the inputs (row-parallel layers split their
-    inputs) when the shards hold whole groups, else replicated."""
+    axes'; grouped, a groups axis first (then `inner` unsplit axes: int4's step/offset pair),
+    split like the inputs (row-parallel layers split their inputs) when the shards hold whole
+    groups, else replicated."""
     entries = tuple(weight_spec) + (None,) * 8
     ins, outs = entries[:n_in], tuple(weight_spec)[n_in:]
     if groups is None:
         return P(*outs)
     split = next((e for e in ins if e is not None), None)
-    return P(split if groups % tp == 0 else None, None, *outs)
-
-
+    return P(split if groups % tp == 0 else None, *(None,) * inner, *outs)

@@ -83,8 +83,10 @@ def param_specs(cfg: ModelConfig, tp: int, params: dict) -> dict[str, P]:
             n_in = input_axes(weight)
             stacked = path.startswith("layers.")
             n_out = len(params[weight].shape) - n_in - stacked
-            grouped = len(params[path].shape) - stacked > n_out  # int4: [groups, 2, out...]
-            return scale_spec(layer_spec(weight), n_in, params[path].shape[stacked] if grouped else None, tp)
+            # int8 per channel `[out...]`, grouped int8 `[groups, out...]`, int4 `[groups, 2, out...]`.
+            inner = len(params[path].shape) - stacked - n_out - 1
+            groups = params[path].shape[stacked] if inner >= 0 else None
+            return scale_spec(layer_spec(weight), n_in, groups, tp, inner)
         for pattern, spec in rules:
             if re.fullmatch(pattern, path):
                 return spec

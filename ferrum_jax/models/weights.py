@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ferrum_jax.interfaces.errors import FerrumError
-from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization, float_shape, input_axes, quantize, stored_shape
+from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization, float_shape, input_axes, quantize
 from ferrum_jax.models.vocab_padding import unpadded_shape
 
 # HF layouts are torch Linear [out, in]; ours are [in, ...heads, head_dim] / [heads, head_dim, out].
@@ -145,23 +145,16 @@ def load_hf_params(
             shape = _float_shape(target, expected)
             stored = _checkpoint_shape(target, shape, vocab_size)
             scale_spec = expected.get(target + SCALE_SUFFIX)
-            if scale_spec is not None and stored == shape and _file_blocks_fit(ckpt, target, plan[target], shape, quant):
-                arrays = _int4_from_file(ckpt, target, plan[target], spec, scale_spec)
-                bar.update(len(plan[target]))
-                for path, array in arrays.items():
-                    sharding = shardings.get(path) if shardings else None
-                    out[path] = jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
-                continue
-            host_dtype = np.float32 if scale_spec is not None else spec.dtype
-            host = (np.empty if stored == tuple(shape) else np.zeros)(shape, host_dtype)
-            region = host[tuple(slice(0, n) for n in stored)]
-            for layer, (name, transform) in plan[target].items():
-                dst = region if layer is None else region[layer]
-                dst[...] = transform[1](ckpt.read(name), dst.shape)
-                bar.update()
-            arrays = {target: host}
             if scale_spec is not None:
-                arrays = _quantized(target, host, scale_spec, quant)
+                arrays = _quantized(ckpt, target, plan[target], spec, scale_spec, shape, stored, quant, bar)
+            else:
+                host = (np.empty if stored == tuple(shape) else np.zeros)(shape, spec.dtype)
+                region = host[tuple(slice(0, n) for n in stored)]
+                for layer, (name, transform) in plan[target].items():
+                    dst = region if layer is None else region[layer]
+                    dst[...] = transform[1](ckpt.read(name), dst.shape)
+                    bar.update()
+                arrays = {target: host}
             for path, array in arrays.items():
                 sharding = shardings.get(path) if shardings else None
                 out[path] = jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
@@ -177,40 +170,35 @@ def _float_shape(target: str, expected: dict) -> tuple:
     return float_shape(spec.shape, n_in, np.dtype(spec.dtype) == np.uint8)
 
 
-def _file_blocks_fit(ckpt, target: str, layers: dict, shape: tuple, quant: Quantization | None) -> bool:
-    """Whether every layer of `target` is a Q4_0/Q4_1/Q4_K tensor whose 32-input groups are the
-    groups `quant` asks for, so the file's bytes load as they are (`GGUFCheckpoint.read_int4`)."""
-    if quant is None or not quant.packed or not hasattr(ckpt, "int4_type"):
-        return False
-    n_in = input_axes(target)
-    layer_shape = shape[1:] if target.startswith("layers.") else shape
-    return quant.group(layer_shape[n_in - 1]) == 32 and all(ckpt.int4_type(name) for name, _ in layers.values())
-
-
-def _int4_from_file(ckpt, target: str, layers: dict, spec, scale_spec) -> dict[str, np.ndarray]:
-    """{target: packed nibbles, target_scale: steps and offsets} straight from the file's blocks:
-    HF's `[out, in]` rows become ferrum's `[in..., out...]` columns (one transpose, no float)."""
-    ints = np.empty(spec.shape, np.uint8)
-    scales = np.empty(scale_spec.shape, np.float32)
-    for layer, (name, _) in layers.items():
-        packed, step, offset = ckpt.read_int4(name)
-        dst_ints = ints if layer is None else ints[layer]
-        dst_scale = scales if layer is None else scales[layer]
-        dst_ints[...] = packed.T.reshape(dst_ints.shape)
-        dst_scale[...] = np.stack([step.T, offset.T], axis=1).reshape(dst_scale.shape)
-    return {target: ints, target + SCALE_SUFFIX: scales}
-
-
-def _quantized(target: str, host: np.ndarray, scale_spec, quant: Quantization | None) -> dict[str, np.ndarray]:
-    """A float weight quantized layer by layer: {target: integers, target_scale: scales}."""
+def _quantized(ckpt, target: str, layers: dict, spec, scale_spec, shape: tuple, stored: tuple, quant, bar) -> dict[str, np.ndarray]:
+    """{target: codes, target_scale: scales}, one layer at a time: a layer whose file blocks are
+    the groups `quant` asks for is taken as stored (`GGUFCheckpoint.read_blocks`: HF's `[out,
+    in]` rows become ferrum's `[in..., out...]` columns, no float in between); any other is read
+    in float32, padded and quantized on the host."""
     if quant is None:
         raise FerrumError.internal(f"{target} expects a quantized weight but no quantization was given")
     n_in = input_axes(target)
-    if not target.startswith("layers."):
-        ints, scale = quantize(host, n_in, quant, xp=np)
-        return {target: ints, target + SCALE_SUFFIX: scale}
-    ints = np.empty(stored_shape(host.shape, n_in + 1, quant), np.uint8 if quant.packed else np.int8)
+    stacked = target.startswith("layers.")
+    layer_shape, layer_stored = (shape[1:], stored[1:]) if stacked else (shape, stored)
+    ints = np.empty(spec.shape, spec.dtype)
     scales = np.empty(scale_spec.shape, np.float32)
-    for layer in range(host.shape[0]):
-        ints[layer], scales[layer] = quantize(host[layer], n_in, quant, xp=np)
+    for layer, (name, transform) in layers.items():
+        dst_ints, dst_scale = (ints, scales) if layer is None else (ints[layer], scales[layer])
+        if layer_stored == layer_shape and _blocks_fit(ckpt, name, layer_shape[n_in - 1], quant):
+            codes, scale = ckpt.read_blocks(name)
+            dst_ints[...] = codes.T.reshape(dst_ints.shape)
+            dst_scale[...] = np.moveaxis(scale, 0, -1).reshape(dst_scale.shape)
+        else:
+            w = (np.empty if layer_stored == layer_shape else np.zeros)(layer_shape, np.float32)
+            region = w[tuple(slice(0, n) for n in layer_stored)]
+            region[...] = transform[1](ckpt.read(name), region.shape)
+            dst_ints[...], dst_scale[...] = quantize(w, n_in, quant, xp=np)
+        bar.update()
     return {target: ints, target + SCALE_SUFFIX: scales}
+
+
+def _blocks_fit(ckpt, name: str, rows: int, quant: Quantization) -> bool:
+    """Whether tensor `name` is stored in GGUF blocks of `quant`'s method whose 32-input groups
+    are the groups `quant` asks for along a last input axis of `rows`."""
+    block_method = getattr(ckpt, "block_method", None)
+    return block_method is not None and quant.grouped and block_method(name) == quant.method and quant.group(rows) == 32
