@@ -1,4 +1,4 @@
-"""The Pallas GPU grouped matmul (pallas_kernels.grouped_matmul) in the Pallas interpreter
+"""The Pallas GPU and TPU grouped matmuls (pallas_kernels.grouped_matmul) in the Pallas interpreter
 against numpy: the weight dequantized by the test's own unpacking, contracted in float64."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ferrum_jax.models.quantization import Quantization, quantize
-from pallas_kernels.grouped_matmul import grouped_block_sizes, grouped_matmul_gpu
+from pallas_kernels.grouped_matmul import grouped_block_sizes, grouped_block_sizes_tpu, grouped_matmul_gpu, grouped_matmul_tpu
 
 
 def numpy_weight(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -74,3 +74,35 @@ def test_codes_that_do_not_match_the_scales_are_refused():
     x = jnp.zeros((2, 256), jnp.float32)
     with pytest.raises(ValueError, match="do not agree"):
         grouped_matmul_gpu(x, jnp.zeros((256, 64), jnp.uint8), jnp.zeros((2, 2, 64), jnp.float32), interpret=True)
+
+
+@pytest.mark.parametrize("method, m, k, n, group", [("int4", 1, 512, 256, 128), ("int4", 20, 2048, 128, 32), ("int8", 5, 1024, 384, 32),
+                                                    ("int8", 300, 256, 128, 32)])  # fmt: skip
+def test_tpu_grouped_kernel_equals_the_float_weight(method, m, k, n, group):
+    """The Mosaic kernel over TPU's forms (uint4 codes, grouped int8) in the Pallas interpreter;
+    300 rows take two row blocks of 256."""
+    from ferrum_jax.models import int4_codes
+
+    rng = np.random.default_rng(m)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    codes, scale = (np.asarray(a) for a in jax.jit(lambda w: quantize(w, 1, Quantization(method, group)))(w))
+    want = numpy_weight(codes, scale)
+    if method == "int4":
+        codes = jax.jit(lambda p: int4_codes.unpack(p, 0, 1, k // group))(codes)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    y = jax.jit(lambda x, c, s: grouped_matmul_tpu(x, c, s, interpret=True))(x, codes, scale)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ want, atol=3e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "k, n, group, packed, problem",
+    [(4096, 14336, 128, True, None), (1536, 576, 32, True, "output width 576"), (4096, 4096, 8, True, "group 8"),
+     (96, 128, 32, False, "no block")],
+)  # fmt: skip
+def test_tpu_block_sizes_refuse_what_the_kernel_cannot_tile(k, n, group, packed, problem):
+    if problem is None:
+        assert grouped_block_sizes_tpu(1, k, n, group, packed) == (16, 512, 2048)
+        return
+    with pytest.raises(ValueError, match=problem):
+        grouped_block_sizes_tpu(1, k, n, group, packed)

@@ -4,13 +4,14 @@ The packed form (`quantization.quantize`: a uint8 array, two codes per byte, a g
 in the low nibbles and its second half in the high ones, the last input axis halved) is what
 the loaders produce and what orbax stores, on every platform.
 
-XLA:TPU feeds a matmul from int4 without a temporary only when the weight is its own `uint4`
-type, stored in the float layout `[in..., out...]` (the compiler packs two codes per byte in
-HBM: the same bytes as the packed form), and the dot has at least 8 rows (`project` pads decode
-rows). Over packed bytes, the masks, shifts and concatenation that unpack them are written out
-as a dequantized copy of the weight on every step (`python -m ferrum_jax.bench int4-forms
---target tpu-v6e-1`). So on TPU the executor converts each packed weight once when it receives
-its state (`to_uint4`), and saving a checkpoint packs them back (`to_packed`).
+On TPU the grouped matmuls read XLA's own `uint4` type, stored in the float layout `[in...,
+out...]` (the compiler packs two codes per byte in HBM: the same bytes as the packed form): the
+Mosaic kernel (pallas_kernels.grouped_matmul) converts uint4 tiles in VMEM, and XLA's grouped
+dots (tensor parallelism) fuse uint4 into the dot from 8 rows up (`project` pads decode rows),
+where over packed bytes the masks, shifts and concatenation that unpack them are written out as
+a dequantized copy of the weight every step (`python -m ferrum_jax.bench int4-forms --target
+tpu-v6e-1`). So on TPU the executor converts each packed weight once when it receives its state
+(`to_uint4`), and saving a checkpoint packs them back (`to_packed`).
 
 XLA:CPU runs the packed form faster (one byte load feeds two codes), so CPU keeps it; on GPU
 neither form fuses and the Pallas kernel (pallas_kernels.grouped_matmul) reads the packed bytes.

@@ -53,12 +53,13 @@ class AttentionBackend:
         return jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
 
     @property
-    def grouped_kernel(self) -> bool:
-        """Whether grouped quantized matmuls (int4, grouped int8) read their codes in the Pallas
-        GPU kernel (pallas_kernels.grouped_matmul): on a GPU with the Pallas kernels, one model
-        shard (under tensor parallelism the kernel would need the layer's shard_map specs, which
-        `project` does not know; XLA's grouped dots take those)."""
-        return self.kind == "pallas" and self.platform == "gpu" and (self.mesh is None or self.mesh.shape["model"] == 1)
+    def grouped_kernel(self) -> str | None:
+        """The platform ("gpu", "tpu") whose Pallas kernel grouped quantized matmuls (int4,
+        grouped int8) read their codes in (pallas_kernels.grouped_matmul): with the Pallas
+        kernels, on one model shard (under tensor parallelism the kernel would need the layer's
+        shard_map specs, which `project` does not know; XLA's grouped dots take those); else None."""
+        one_shard = self.mesh is None or self.mesh.shape["model"] == 1
+        return self.platform if self.kind == "pallas" and self.platform in ("gpu", "tpu") and one_shard else None
 
     @property
     def cpu_kernel(self) -> str | None:

@@ -21,8 +21,9 @@ layout mismatch at the first call), and a byte array is half the bytes on every 
 the executor turns it into XLA's `uint4` (int4_codes).
 
 The layers contract the integer weights in the step (`project`): on TPU and GPU the convert of
-int8, and on TPU of int4 held as XLA's `uint4` (int4_codes), fuses into the matmul's operand; on
-CPU XLA writes the float weights of one layer to a scratch buffer first. Tensor parallelism shards scales like
+per-channel int8 fuses into XLA's dot; grouped codes (int4, grouped int8) go to a Pallas kernel
+that reads them and dequantizes in registers or VMEM (pallas_kernels.grouped_matmul; XLA's
+grouped dots under tensor parallelism); on CPU XLA's grouped dots read the packed bytes. Tensor parallelism shards scales like
 the axes they follow (`scale_spec`).
 
 Quantized: q/k/v/o, gate/up/down and an untied lm_head. The embedding stays float (a gather,
@@ -40,7 +41,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ferrum_jax.interfaces.errors import FerrumError
-from pallas_kernels.grouped_matmul import grouped_block_sizes, grouped_matmul_gpu
+from pallas_kernels.grouped_matmul import grouped_block_sizes, grouped_block_sizes_tpu, grouped_matmul_gpu, grouped_matmul_tpu
 
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -207,10 +208,12 @@ def project(
         y = jnp.dot(x_tk, w.reshape(k, -1).astype(dtype), preferred_element_type=out_dtype)
         return (y * s.reshape(-1).astype(y.dtype)).reshape(t, *out_shape)
     groups = s.shape[0]
-    if backend is not None and backend.grouped_kernel and _kernel_tiles(t, w, s, k):
-        packed = w.dtype == jnp.uint8
-        codes = w.reshape(k // 2 if packed else k, -1)
-        y = grouped_matmul_gpu(x_tk, codes, s.reshape(groups, *((2,) if packed else ()), -1), out_dtype=out_dtype or dtype)
+    kernel = backend.grouped_kernel if backend is not None else None
+    if kernel is not None and _kernel_tiles(kernel, t, w, s, k):
+        rows = k // 2 if w.dtype == jnp.uint8 else k
+        matmul = grouped_matmul_gpu if kernel == "gpu" else grouped_matmul_tpu
+        y = matmul(x_tk, w.reshape(rows, -1), s.reshape(groups, *s.shape[1 : s.ndim - len(out_shape)], -1),
+                   out_dtype=out_dtype or dtype)  # fmt: skip
         return y.reshape(t, *out_shape)
     accelerator = backend is not None and backend.platform in ("tpu", "gpu")
     rows = max(t, GROUPED_MIN_ROWS) if w.dtype == jnp.uint4 or (w.dtype == jnp.int8 and accelerator) else t
@@ -221,12 +224,17 @@ def project(
     return jnp.dot(x_tk, w.reshape(k, -1), preferred_element_type=out_dtype).reshape(t, *out_shape)
 
 
-def _kernel_tiles(t: int, w: jax.Array, s: jax.Array, k: int) -> bool:
-    """Whether the GPU kernel takes these codes (packed int4 or grouped int8) at these sizes."""
-    if w.dtype not in (jnp.uint8, jnp.int8):
+def _kernel_tiles(kernel: str, t: int, w: jax.Array, s: jax.Array, k: int) -> bool:
+    """Whether the platform's Pallas kernel takes these codes at these sizes: packed int4 and
+    grouped int8 on GPU, `uint4` and grouped int8 on TPU."""
+    if w.dtype not in ((jnp.uint8, jnp.int8) if kernel == "gpu" else (jnp.uint4, jnp.int8)):
         return False
+    n, group = math.prod(w.shape) // (k // 2 if w.dtype == jnp.uint8 else k), k // s.shape[0]
     try:
-        grouped_block_sizes(t, math.prod(w.shape) // (k // 2 if w.dtype == jnp.uint8 else k), k // s.shape[0], w.dtype == jnp.uint8)
+        if kernel == "gpu":
+            grouped_block_sizes(t, n, group, w.dtype == jnp.uint8)
+        else:
+            grouped_block_sizes_tpu(t, k, n, group, w.dtype == jnp.uint4)
     except ValueError:
         return False
     return True
