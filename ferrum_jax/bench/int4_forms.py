@@ -12,9 +12,10 @@ for comparison, as `int8` codes:
 Reported: XLA's temporary bytes per program. A weight-sized temporary (112 MiB in bfloat16,
 224 MiB in float32) means the dequantized weight was written out instead of fed to the matmul.
 
-`--target cpu` instead times, on this machine, the two storage forms `models.int4_codes` picks
-between, through `project` itself: a 30-layer chain of SmolLM2-135M's int4 weights (groups of
-32, float32 activations, plain jit) held as packed nibbles (the CPU form) and as `uint4` (TPU's).
+`--target cpu` instead times, on this machine, the forms `project` picks between: a 30-layer
+chain of SmolLM2-135M-sized weights in groups of 32 (float32 activations, plain jit), int4 held
+as packed nibbles (the CPU form) and as `uint4` (TPU's, see `models.int4_codes`), and grouped
+int8 (GGUF Q8_0's form) through `project` and dequantized before one dot.
 """
 
 from __future__ import annotations
@@ -85,34 +86,39 @@ def time_cpu_forms(token_counts: list[int], layers: int = 30, repeats: int = 5) 
     from flax import nnx
 
     from ferrum_jax.models import int4_codes
-    from ferrum_jax.models.quantization import Quantization, project, quantize
+    from ferrum_jax.models.quantization import Quantization, dequantize_groups, project, quantize
+
+    def through_project(x, w, s):
+        body = lambda i, acc: acc + project(x, nnx.Param(w[i]), nnx.Param(s[i]), 1, jnp.float32).sum()  # noqa: E731
+        return jax.lax.fori_loop(0, layers, body, 0.0)
+
+    def dequantized(x, w, s):
+        body = lambda i, acc: acc + (x @ dequantize_groups(w[i], s[i], 1, jnp.float32)).sum()  # noqa: E731
+        return jax.lax.fori_loop(0, layers, body, 0.0)
 
     rng = np.random.default_rng(0)
     print(f"XLA:CPU, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; ms per {layers}-layer chain, best of {repeats}")
-    print("| weight [in, out] | tokens | packed nibbles ms | uint4 ms | uint4 / packed |")
-    print("|---|---:|---:|---:|---:|")
+    print("| weight [in, out] | tokens | int4 packed | int4 uint4 | grouped int8, project | grouped int8, dequantize then dot |")
+    print("|---|---:|---:|---:|---:|---:|")
     for k, n in ((576, 1536), (1536, 576), (576, 49152)):
         w = rng.normal(size=(layers, k, n)).astype(np.float32)
-        packed, scale = jax.jit(jax.vmap(lambda w: quantize(w, 1, Quantization("int4", 32))))(w)
-        forms = {"packed": packed, "uint4": jax.jit(lambda p: int4_codes.unpack(p, 1, 1, k // 32))(packed)}
+        packed, step = jax.jit(jax.vmap(lambda w: quantize(w, 1, Quantization("int4", 32))))(w)
+        int8, scale = jax.jit(jax.vmap(lambda w: quantize(w, 1, Quantization("int8", 32))))(w)
+        uint4 = jax.jit(lambda p: int4_codes.unpack(p, 1, 1, k // 32))(packed)
+        cases = [(through_project, packed, step), (through_project, uint4, step), (through_project, int8, scale), (dequantized, int8, scale)]
         for t in token_counts:
             x = jnp.asarray(rng.normal(size=(t, k)), jnp.float32)
-
-            @jax.jit
-            def chain(x, w, s):
-                body = lambda i, acc: acc + project(x, nnx.Param(w[i]), nnx.Param(s[i]), 1, jnp.float32).sum()  # noqa: E731
-                return jax.lax.fori_loop(0, layers, body, 0.0)
-
-            ms = {}
-            for name, codes in forms.items():
-                chain(x, codes, scale).block_until_ready()
+            ms = []
+            for fn, codes, scales in cases:
+                chain = jax.jit(fn)
+                chain(x, codes, scales).block_until_ready()
                 best = float("inf")
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    chain(x, codes, scale).block_until_ready()
+                    chain(x, codes, scales).block_until_ready()
                     best = min(best, time.perf_counter() - t0)
-                ms[name] = best * 1e3
-            print(f"| [{k}, {n}] | {t} | {ms['packed']:.2f} | {ms['uint4']:.2f} | {ms['uint4'] / ms['packed']:.2f}x |", flush=True)
+                ms.append(best * 1e3)
+            print(f"| [{k}, {n}] | {t} | " + " | ".join(f"{v:.2f}" for v in ms) + " |", flush=True)
 
 
 if __name__ == "__main__":
