@@ -128,6 +128,28 @@ def test_llama3_70b_tp8_has_two_all_reduces_per_layer(tmp_path):
 
 
 @needs_tpu
+def test_llama3_70b_int4_tp8_runs_the_grouped_kernel_per_shard(tmp_path):
+    """Under tensor parallelism the Mosaic kernel runs inside shard_map on each chip's part of
+    the uint4 weights (models.grouped_kernels): seven kernels a layer, the same two all-reduces
+    a layer as the float model (o's and down's partial sums), no temporaries (XLA's grouped dots
+    there: 0.49 GiB). The lm_head's 16032 columns a chip fit no kernel block and keep XLA."""
+    code, report, hlo = aot(
+        tmp_path, "--target", "tpu-v5e-8", "--model", LLAMA_70B, "--tensor-parallel-size", "8", "--max-model-len", "8192",
+        "--max-num-seqs", "1", "--max-num-batched-tokens", "16", "--num-pages", "4096", "--programs", "logits_last",
+        "--quantization", "int4",
+    )  # fmt: skip
+    assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
+    for name, text in hlo.items():
+        lines = text.splitlines()
+        kernels = [line for line in lines if KERNEL_CALL["tpu"] in line and "grouped_matmul_tpu" in line.split("=")[0]]
+        in_layers = [line for line in lines if re.search(r"\ball-reduce(-start)?\(", line) and "/while/" in line]
+        assert len(kernels) == 7 and len(in_layers) == 2, (name, len(kernels), in_layers)
+    assert 4.5 * 2**30 < report["weight_bytes_per_device"] < 5.0 * 2**30
+    for p in report["programs"]:
+        assert p["temp_bytes"] < 2**20, (p["bucket"], p["temp_bytes"])
+
+
+@needs_tpu
 @pytest.mark.parametrize("quantization, fits", [("int8", True), (None, False)])
 def test_llama3_70b_fits_a_v5e_8_in_int8_and_not_in_bfloat16(tmp_path, quantization, fits):
     """16 GiB chips: bfloat16 weights alone are 17.6 GB a chip; int8 ones (+ the bfloat16

@@ -22,6 +22,7 @@ from flax import nnx
 
 import ferrum_jax as fj
 from ferrum_jax.executor.jax_executor import JaxModelExecutor
+from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models import int4_codes
 from ferrum_jax.models.param_tree import abstract_model, flatten_state, unflatten_into
 from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization, input_axes, project, quantize
@@ -289,3 +290,32 @@ def test_perplexity_of_the_default_model_float_int8_int4(text_ids):
     assert ppl["int8"] / base < 1.01
     assert ppl["int4"] / base < 1.01
     assert ppl["int4 g128"] / base < 1.5
+
+
+# Sizes the TPU kernel tiles: 128-wide heads, 128-multiple widths per shard, 256-row K blocks.
+KERNEL_CFG = ModelConfig(architecture="llama", vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=128)  # fmt: skip
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (fake) devices")
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_grouped_int8_through_the_pallas_kernel_equals_xla(tp, monkeypatch):
+    """Grouped int8 through the Mosaic kernel (interpreted, attention="pallas" on CPU) in the
+    step, on one shard and under tensor parallelism (column layers on their columns, row layers
+    on their slice of the inputs, summed; at TP 4 the KV heads replicate and o's 128 inputs per
+    shard fit no kernel block, so o takes XLA): logits equal to XLA's grouped dots."""
+    from ferrum_jax.models import grouped_kernels
+
+    calls = []
+    kernel = grouped_kernels.grouped_matmul_tpu
+    monkeypatch.setattr(grouped_kernels, "grouped_matmul_tpu", lambda *a, **k: calls.append(a[1].shape) or kernel(*a, **k))
+    limits = dict(LIMITS, max_num_batched_tokens=32)
+    quant = Quantization("int8", 32)
+    xla = fj.JaxModelExecutor.from_config(KERNEL_CFG, seed=5, quantization=quant, attention="xla", **limits)
+    pallas = fj.JaxModelExecutor.from_config(KERNEL_CFG, seed=5, quantization=quant, attention="pallas", tensor_parallel_size=tp, **limits)
+    ids = list(range(7, 40))
+    np.testing.assert_allclose(all_logits(pallas, ids), all_logits(xla, ids), atol=2e-4, rtol=1e-4)
+    # Each shard's codes `[K, N]`: q and the lm_head, k/v (whole when replicated), gate/up, down, o.
+    kv = 256 if tp == 4 else 256 // tp
+    want = {(512, 512 // tp), (512, kv), (512, 1024 // tp), (1024 // tp, 512)} | ({(512 // tp, 512)} if tp < 4 else set())
+    assert set(calls) == want, calls

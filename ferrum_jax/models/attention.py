@@ -53,9 +53,9 @@ class Attention(nnx.Module):
         `meta` addresses this layer's pages (`paged_attention.for_layer`). The window is a call
         argument, not module state, because one module instance serves a whole stack of layers;
         so are `k_scale`/`v_scale`, the layer's scales of narrow KV pages (kv.pages)."""
-        q_tnh = project(x_td, self.wq, self.wq_scale, 1, self.dtype, backend=backend)
-        k_tkh = project(x_td, self.wk, self.wk_scale, 1, self.dtype, backend=backend)
-        v_tkh = project(x_td, self.wv, self.wv_scale, 1, self.dtype, backend=backend)
+        q_tnh = project(x_td, self.wq, self.wq_scale, 1, self.dtype, backend=backend, parallel="column")
+        k_tkh = project(x_td, self.wk, self.wk_scale, 1, self.dtype, backend=backend, parallel="column")
+        v_tkh = project(x_td, self.wv, self.wv_scale, 1, self.dtype, backend=backend, parallel="column")
         if self.bq is not None:
             q_tnh, k_tkh, v_tkh = q_tnh + self.bq[...], k_tkh + self.bk[...], v_tkh + self.bv[...]
         if self.q_norm is not None:
@@ -78,7 +78,7 @@ class Attention(nnx.Module):
         # One contraction over heads * head_dim: contracting (n, h) as two axes made XLA:CPU
         # write a relaid-out copy of wo on every step.
         t, n, h = attn_tnh.shape
-        out_td = project(attn_tnh.reshape(t, n * h), self.wo, self.wo_scale, 2, self.dtype, backend=backend)
+        out_td = project(attn_tnh.reshape(t, n * h), self.wo, self.wo_scale, 2, self.dtype, backend=backend, parallel="row")
         if self.bo is not None:
             out_td = out_td + self.bo[...]
         return out_td, k_pages, v_pages

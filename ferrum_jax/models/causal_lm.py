@@ -126,7 +126,9 @@ class CausalLM(nnx.Module):
             # write a transposed copy of the whole table on every step.
             logits_lv = jnp.einsum("ld,vd->lv", h_ld, self.embed[...], preferred_element_type=jnp.float32)
         else:
-            logits_lv = project(h_ld, self.lm_head, self.lm_head_scale, 1, self.dtype, out_dtype=jnp.float32, backend=backend)
+            logits_lv = project(
+                h_ld, self.lm_head, self.lm_head_scale, 1, self.dtype, out_dtype=jnp.float32, backend=backend, parallel="column"
+            )
         # Padding columns of a vocabulary padded for tensor parallelism are never a token.
         logits_lv = logits_lv[:, : self.cfg.vocab_size]
         chex.assert_shape(logits_lv, (logits_indices_l.shape[0], self.cfg.vocab_size))

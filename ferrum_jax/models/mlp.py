@@ -26,12 +26,12 @@ class MLP(nnx.Module):
 
     def __call__(self, x_td: jax.Array, backend=None) -> jax.Array:
         """backend: the step's AttentionBackend, which says whether int4 takes the GPU kernel."""
-        gate_tf = project(x_td, self.gate, self.gate_scale, 1, self.dtype, backend=backend)
-        up_tf = project(x_td, self.up, self.up_scale, 1, self.dtype, backend=backend)
+        gate_tf = project(x_td, self.gate, self.gate_scale, 1, self.dtype, backend=backend, parallel="column")
+        up_tf = project(x_td, self.up, self.up_scale, 1, self.dtype, backend=backend, parallel="column")
         if self.gate_bias is not None:
             gate_tf = gate_tf + self.gate_bias[...]
             up_tf = up_tf + self.up_bias[...]
-        out_td = project(jax.nn.silu(gate_tf) * up_tf, self.down, self.down_scale, 1, self.dtype, backend=backend)
+        out_td = project(jax.nn.silu(gate_tf) * up_tf, self.down, self.down_scale, 1, self.dtype, backend=backend, parallel="row")
         if self.down_bias is not None:
             out_td = out_td + self.down_bias[...]
         return out_td

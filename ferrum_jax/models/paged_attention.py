@@ -54,12 +54,12 @@ class AttentionBackend:
 
     @property
     def grouped_kernel(self) -> str | None:
-        """The platform ("gpu", "tpu") whose Pallas kernel grouped quantized matmuls (int4,
-        grouped int8) read their codes in (pallas_kernels.grouped_matmul): with the Pallas
-        kernels, on one model shard (under tensor parallelism the kernel would need the layer's
-        shard_map specs, which `project` does not know; XLA's grouped dots take those); else None."""
-        one_shard = self.mesh is None or self.mesh.shape["model"] == 1
-        return self.platform if self.kind == "pallas" and self.platform in ("gpu", "tpu") and one_shard else None
+        """Whose Pallas kernel ("gpu", "tpu") grouped quantized matmuls (int4, grouped int8) read
+        their codes in (models.grouped_kernels): the platform's with the Pallas kernels, the TPU
+        one in the interpreter with "pallas_interpret" on CPU; None with the XLA path."""
+        if self.kind == "pallas_interpret":
+            return "gpu" if self.platform == "gpu" else "tpu"
+        return self.platform if self.kind == "pallas" and self.platform in ("gpu", "tpu") else None
 
     @property
     def cpu_kernel(self) -> str | None:

@@ -21,10 +21,10 @@ layout mismatch at the first call), and a byte array is half the bytes on every 
 the executor turns it into XLA's `uint4` (int4_codes).
 
 The layers contract the integer weights in the step (`project`): on TPU and GPU the convert of
-per-channel int8 fuses into XLA's dot; grouped codes (int4, grouped int8) go to a Pallas kernel
-that reads them and dequantizes in registers or VMEM (pallas_kernels.grouped_matmul; XLA's
-grouped dots under tensor parallelism); on CPU XLA's grouped dots read the packed bytes. Tensor parallelism shards scales like
-the axes they follow (`scale_spec`).
+per-channel int8 fuses into XLA's dot, and grouped codes (int4, grouped int8) go to a Pallas
+kernel that reads them and dequantizes in registers or VMEM (grouped_kernels, under tensor
+parallelism too); on CPU XLA's grouped dots read the packed bytes. Tensor parallelism shards
+scales like the axes they follow (scale_sharding).
 
 Quantized: q/k/v/o, gate/up/down and an untied lm_head. The embedding stays float (a gather,
 not a matmul), and with it a tied lm_head.
@@ -38,10 +38,9 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from ferrum_jax.interfaces.errors import FerrumError
-from pallas_kernels.grouped_matmul import grouped_block_sizes, grouped_block_sizes_tpu, grouped_matmul_gpu, grouped_matmul_tpu
+from ferrum_jax.models.grouped_kernels import kernel_project
 
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -180,7 +179,8 @@ def linear_param(rngs: nnx.Rngs, shape: tuple[int, ...], n_in: int, dtype, quant
 
 
 def project(
-    x_tk: jax.Array, weight: nnx.Param, scale: nnx.Param | None, n_in: int, dtype, out_dtype=None, backend=None
+    x_tk: jax.Array, weight: nnx.Param, scale: nnx.Param | None, n_in: int, dtype, out_dtype=None, backend=None,
+    parallel: str | None = None,
 ) -> jax.Array:
     """`x_tk [tokens, K] @ weight [in..., out...] -> [tokens, out...]`, K the flattened inputs.
 
@@ -193,8 +193,9 @@ def project(
     int4_codes), and grouped int8 on TPU and GPU, get at least GROUPED_MIN_ROWS rows, below which
     XLA writes the converted codes out (`python -m ferrum_jax.bench int4-forms`). With more
     tokens the partial sums would outgrow the weight, so the weight is dequantized once instead.
-    backend: the step's `AttentionBackend` (its platform; where its `grouped_kernel` holds,
-    packed int4 and grouped int8 go to the Pallas GPU kernel at any token count)."""
+    backend: the step's `AttentionBackend` (its platform; where it has a `grouped_kernel`,
+    grouped codes go to that Pallas kernel at any token count, see grouped_kernels), and
+    parallel: "column" or "row", how tensor parallelism splits this layer (models.sharding)."""
     w = weight[...]
     out_shape = w.shape[n_in:]
     t, k = x_tk.shape
@@ -208,13 +209,10 @@ def project(
         y = jnp.dot(x_tk, w.reshape(k, -1).astype(dtype), preferred_element_type=out_dtype)
         return (y * s.reshape(-1).astype(y.dtype)).reshape(t, *out_shape)
     groups = s.shape[0]
-    kernel = backend.grouped_kernel if backend is not None else None
-    if kernel is not None and _kernel_tiles(kernel, t, w, s, k):
-        rows = k // 2 if w.dtype == jnp.uint8 else k
-        matmul = grouped_matmul_gpu if kernel == "gpu" else grouped_matmul_tpu
-        y = matmul(x_tk, w.reshape(rows, -1), s.reshape(groups, *s.shape[1 : s.ndim - len(out_shape)], -1),
-                   out_dtype=out_dtype or dtype)  # fmt: skip
-        return y.reshape(t, *out_shape)
+    if backend is not None:
+        y = kernel_project(x_tk, w, s, n_in, dtype, out_dtype, backend, parallel)
+        if y is not None:
+            return y
     accelerator = backend is not None and backend.platform in ("tpu", "gpu")
     rows = max(t, GROUPED_MIN_ROWS) if w.dtype == jnp.uint4 or (w.dtype == jnp.int8 and accelerator) else t
     if rows * groups <= k:
@@ -222,22 +220,6 @@ def project(
         return _grouped_partial_dots(x_tk, w, s, dtype, out_dtype)[:t].reshape(t, *out_shape)
     w = dequantize_groups(w, s, n_in, dtype)
     return jnp.dot(x_tk, w.reshape(k, -1), preferred_element_type=out_dtype).reshape(t, *out_shape)
-
-
-def _kernel_tiles(kernel: str, t: int, w: jax.Array, s: jax.Array, k: int) -> bool:
-    """Whether the platform's Pallas kernel takes these codes at these sizes: packed int4 and
-    grouped int8 on GPU, `uint4` and grouped int8 on TPU."""
-    if w.dtype not in ((jnp.uint8, jnp.int8) if kernel == "gpu" else (jnp.uint4, jnp.int8)):
-        return False
-    n, group = math.prod(w.shape) // (k // 2 if w.dtype == jnp.uint8 else k), k // s.shape[0]
-    try:
-        if kernel == "gpu":
-            grouped_block_sizes(t, n, group, w.dtype == jnp.uint8)
-        else:
-            grouped_block_sizes_tpu(t, k, n, group, w.dtype == jnp.uint4)
-    except ValueError:
-        return False
-    return True
 
 
 def _grouped_partial_dots(x_tk: jax.Array, w: jax.Array, s: jax.Array, dtype, out_dtype) -> jax.Array:
@@ -264,16 +246,3 @@ def _grouped_partial_dots(x_tk: jax.Array, w: jax.Array, s: jax.Array, dtype, ou
     if offset is None:
         return y
     return y + jnp.einsum("gt,go->to", x_sum, offset, preferred_element_type=out_dtype)
-
-
-def scale_spec(weight_spec: P, n_in: int, groups: int | None, tp: int, inner: int = 1) -> P:
-    """Sharding of one layer's scale from its weight's: per channel (groups None), the output
-    axes'; grouped, a groups axis first (then `inner` unsplit axes: int4's step/offset pair),
-    split like the inputs (row-parallel layers split their inputs) when the shards hold whole
-    groups, else replicated."""
-    entries = tuple(weight_spec) + (None,) * 8
-    ins, outs = entries[:n_in], tuple(weight_spec)[n_in:]
-    if groups is None:
-        return P(*outs)
-    split = next((e for e in ins if e is not None), None)
-    return P(split if groups % tp == 0 else None, *(None,) * inner, *outs)

@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.quantization import SCALE_SUFFIX, input_axes, scale_spec
+from ferrum_jax.models.quantization import SCALE_SUFFIX, input_axes
+from ferrum_jax.models.scale_sharding import scale_spec
 
 MESH_AXES = ("data", "model")
 
@@ -61,7 +62,7 @@ def check_divisible(cfg: ModelConfig, tp: int) -> None:
 
 def param_specs(cfg: ModelConfig, tp: int, params: dict) -> dict[str, P]:
     """PartitionSpec of every flat parameter path (see param_tree) -> array or ShapeDtypeStruct.
-    A quantized weight's `_scale` follows its weight (quantization.scale_spec)."""
+    A quantized weight's `_scale` follows its weight (scale_sharding.scale_spec)."""
     check_divisible(cfg, tp)
     kv = "model" if kv_heads_sharded(cfg, tp) else None
     rules = [

@@ -1,0 +1,86 @@
+"""Grouped quantized matmuls (int4, grouped int8) through the platform's Pallas kernel.
+
+`kernel_project` is `quantization.project`'s route to pallas_kernels.grouped_matmul: the Triton
+kernel over packed nibbles or int8 codes on GPU, the Mosaic kernel over `uint4` or int8 codes on
+TPU (in the Pallas interpreter with the "pallas_interpret" backend, how CPU tests run it). It
+returns None where the kernel does not apply, and `project` takes XLA's grouped dots.
+
+A Pallas call is opaque to GSPMD, so under tensor parallelism it runs inside `shard_map`, on
+each shard's part of the weight as `models.sharding` lays it out: a column-parallel layer
+(q/k/v, gate/up, lm_head) splits its first output axis (left whole where it does not divide,
+as replicated KV heads are), each shard computing its columns from the whole x; a row-parallel
+layer (o, down) splits its first input axis, each shard contracting its slice of x, the partial
+results summed over the shards (the all-reduce XLA's dot would do). A row-parallel layer whose
+groups straddle shards (groups not divisible by the degree: its scales stay whole) keeps XLA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ferrum_jax.models.scale_sharding import scale_spec
+from pallas_kernels.grouped_matmul import grouped_block_sizes, grouped_block_sizes_tpu, grouped_matmul_gpu, grouped_matmul_tpu
+
+PARALLEL = ("column", "row")
+
+
+def kernel_project(x_tk, w, s, n_in: int, dtype, out_dtype, backend, parallel: str) -> jax.Array | None:
+    """`x_tk [tokens, K] @ w [in..., out...]` for grouped codes `w` and scales `s`
+    (quantization's forms) through the backend's Pallas kernel, or None where it does not apply."""
+    kernel = backend.grouped_kernel
+    if kernel is None or parallel not in PARALLEL:
+        return None
+    mesh = backend.mesh
+    tp = 1 if mesh is None else mesh.shape["model"]
+    out_shape = w.shape[n_in:]
+    inner = s.ndim - len(out_shape) - 1  # int4's (step, offset) axis
+    if parallel == "column":
+        split_out = out_shape[0] % tp == 0
+        w_spec = P(*(None,) * n_in, "model" if split_out else None, *(None,) * (len(out_shape) - 1))
+    else:
+        w_spec = P("model", *(None,) * (w.ndim - 1))
+    s_spec = scale_spec(w_spec, n_in, s.shape[0], tp, inner)
+    if parallel == "row" and s_spec[0] is None:
+        return None
+    local_w = tuple(n // tp if e == "model" else n for n, e in zip(w.shape, tuple(w_spec) + (None,) * w.ndim))
+    local_groups = s.shape[0] // tp if parallel == "row" else s.shape[0]
+    if not _tiles(kernel, x_tk.shape[0], w.dtype, local_w, n_in, local_groups):
+        return None
+    interpret = backend.kind == "pallas_interpret"
+
+    def local(x, w, s):
+        t, k = x.shape
+        rows = k // 2 if w.dtype == jnp.uint8 else k
+        matmul = grouped_matmul_gpu if kernel == "gpu" else grouped_matmul_tpu
+        y = matmul(x, w.reshape(rows, -1), s.reshape(s.shape[0], *s.shape[1 : 1 + inner], -1), out_dtype=out_dtype or dtype,
+                   interpret=interpret)  # fmt: skip
+        y = y.reshape(t, *w.shape[n_in:])
+        return jax.lax.psum(y, "model") if parallel == "row" and tp > 1 else y
+
+    if tp == 1:
+        return local(x_tk, w, s)
+    x_spec = P(None, "model") if parallel == "row" else P()
+    out_spec = P() if parallel == "row" else P(None, *tuple(w_spec)[n_in:])
+    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec, s_spec), out_specs=out_spec, check_vma=False)(x_tk, w, s)
+
+
+def _tiles(kernel: str, t: int, dtype, w_shape: tuple[int, ...], n_in: int, groups: int) -> bool:
+    """Whether the kernel takes codes of `dtype` and (per-shard) shape `w_shape`: packed int4 and
+    grouped int8 on GPU, `uint4` and grouped int8 on TPU."""
+    if dtype not in ((jnp.uint8, jnp.int8) if kernel == "gpu" else (jnp.uint4, jnp.int8)):
+        return False
+    packed_rows = math.prod(w_shape[:n_in])
+    k = 2 * packed_rows if dtype == jnp.uint8 else packed_rows
+    n, group = math.prod(w_shape[n_in:]), k // groups
+    try:
+        if kernel == "gpu":
+            grouped_block_sizes(t, n, group, dtype == jnp.uint8)
+        else:
+            grouped_block_sizes_tpu(t, k, n, group, dtype == jnp.uint4)
+    except ValueError:
+        return False
+    return True
