@@ -24,6 +24,7 @@ from flax import nnx
 
 from ferrum_jax.models.attention import Attention
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.layer_slice import LayerSlice
 from ferrum_jax.models.mlp import MLP
 from ferrum_jax.models.norm import RMSNorm
 from ferrum_jax.models.paged_attention import AttentionBackend, AttentionMetadata, for_layer
@@ -113,7 +114,7 @@ class CausalLM(nnx.Module):
 
             def body(i, carry, window=window):
                 h_td, k_pages, v_pages = carry
-                layer = nnx.merge(layer_def, jax.tree.map(lambda x: x[i], layer_state))
+                layer = nnx.merge(layer_def, jax.tree.map(lambda x: LayerSlice(x, i), layer_state))
                 layer_meta = for_layer(meta, i, num_pages, page_size)
                 scales = () if k_scale is None else (k_scale[:, i], v_scale[:, i])
                 return layer(h_td, cos_td, sin_td, k_pages, v_pages, layer_meta, backend, window, *scales)

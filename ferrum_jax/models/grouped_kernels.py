@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ferrum_jax.models.layer_slice import LayerSlice
 from ferrum_jax.models.scale_sharding import scale_spec
 from pallas_kernels.grouped_matmul import grouped_block_sizes, grouped_block_sizes_tpu, grouped_matmul_gpu, grouped_matmul_tpu
 
@@ -30,7 +31,8 @@ PARALLEL = ("column", "row")
 
 def kernel_project(x_tk, w, s, n_in: int, dtype, out_dtype, backend, parallel: str) -> jax.Array | None:
     """`x_tk [tokens, K] @ w [in..., out...]` for grouped codes `w` and scales `s`
-    (quantization's forms) through the backend's Pallas kernel, or None where it does not apply."""
+    (quantization's forms; arrays, or `LayerSlice`s of the decoder's stacked weights) through
+    the backend's Pallas kernel, or None where it does not apply."""
     kernel = backend.grouped_kernel
     if kernel is None or parallel not in PARALLEL:
         return None
@@ -51,21 +53,31 @@ def kernel_project(x_tk, w, s, n_in: int, dtype, out_dtype, backend, parallel: s
     if not _tiles(kernel, x_tk.shape[0], w.dtype, local_w, n_in, local_groups):
         return None
     interpret = backend.kind == "pallas_interpret"
+    # A layer of the stacked decoder weights goes to the kernel as the stack and its index (read
+    # in place, see layer_slice), except a stack of more than [layers, K, N] on TPU, where
+    # flattening the whole stack to that would retile all of it.
+    in_place = isinstance(w, LayerSlice) and (kernel == "gpu" or w.ndim == 2)
+    codes, scales, index = (w.stack, s.stack, w.index) if in_place else (w[...], s[...], None)
 
-    def local(x, w, s):
+    def local(x, codes, scales, *index):
         t, k = x.shape
-        rows = k // 2 if w.dtype == jnp.uint8 else k
+        lead = codes.ndim - w.ndim  # the layer axis, when in place
+        rows = k // 2 if codes.dtype == jnp.uint8 else k
+        codes2 = codes.reshape(*codes.shape[:lead], rows, -1)
+        scales2 = scales.reshape(*scales.shape[: lead + 1 + inner], -1)
         matmul = grouped_matmul_gpu if kernel == "gpu" else grouped_matmul_tpu
-        y = matmul(x, w.reshape(rows, -1), s.reshape(s.shape[0], *s.shape[1 : 1 + inner], -1), out_dtype=out_dtype or dtype,
-                   interpret=interpret)  # fmt: skip
-        y = y.reshape(t, *w.shape[n_in:])
+        y = matmul(x, codes2, scales2, *index, out_dtype=out_dtype or dtype, interpret=interpret)
+        y = y.reshape(t, *codes.shape[lead + n_in :])
         return jax.lax.psum(y, "model") if parallel == "row" and tp > 1 else y
 
+    args = (x_tk, codes, scales) + (() if index is None else (index,))
     if tp == 1:
-        return local(x_tk, w, s)
+        return local(*args)
+    lead = (None,) if in_place else ()
     x_spec = P(None, "model") if parallel == "row" else P()
     out_spec = P() if parallel == "row" else P(None, *tuple(w_spec)[n_in:])
-    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec, s_spec), out_specs=out_spec, check_vma=False)(x_tk, w, s)
+    in_specs = (x_spec, P(*lead, *w_spec), P(*lead, *s_spec)) + (() if index is None else (P(),))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
 
 def _tiles(kernel: str, t: int, dtype, w_shape: tuple[int, ...], n_in: int, groups: int) -> bool:

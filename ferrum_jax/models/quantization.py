@@ -210,7 +210,7 @@ def project(
         return (y * s.reshape(-1).astype(y.dtype)).reshape(t, *out_shape)
     groups = s.shape[0]
     if backend is not None:
-        y = kernel_project(x_tk, w, s, n_in, dtype, out_dtype, backend, parallel)
+        y = kernel_project(x_tk, weight.get_value(), scale.get_value(), n_in, dtype, out_dtype, backend, parallel)
         if y is not None:
             return y
     accelerator = backend is not None and backend.platform in ("tpu", "gpu")

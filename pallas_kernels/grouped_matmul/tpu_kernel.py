@@ -11,6 +11,9 @@ group: a convert, a multiply and an add per weight on the VPU) into a `dtype` sc
 feeds one MXU matmul, so HBM sees only the codes, the scales and x: the "dequantize in the
 matmul's input pipeline" form.
 
+Stacked decoder weights (`[layers, K, N]`) are read in place: the layer's index is a scalar
+prefetched for the index maps (XLA would otherwise write the layer's slice out, retiled).
+
 Grid: (M / block_m, N / block_n, K / block_k), K innermost ("arbitrary": a float32 accumulator
 tile in VMEM carries the sum over K; the other two "parallel"). Block sizes: block_m the padded
 rows (16 at least, the bfloat16 sublane tile) up to 256; block_n 512, 256 or 128 (a lane
@@ -48,7 +51,8 @@ def grouped_block_sizes_tpu(m: int, k: int, n: int, group: int, packed: bool) ->
   return min(rows, MAX_BLOCK_M), block_n, block_k
 
 
-def _kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, w_tile_ref, *, group, packed):
+def _kernel(layer_ref, x_ref, w_ref, s_ref, o_ref, acc_ref, w_tile_ref, *, group, packed):
+  del layer_ref  # consumed by the index maps
   k = pl.program_id(2)
 
   @pl.when(k == 0)
@@ -71,14 +75,18 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, w_tile_ref, *, group, packed):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
-def grouped_matmul_tpu(x, codes, scale, *, out_dtype=None, interpret=False):
+def grouped_matmul_tpu(x, codes, scale, layer=None, *, out_dtype=None, interpret=False):
   """`x [M, K] @ W -> [M, N]` in out_dtype (x's dtype when None); codes and scale in one of the
-  two forms of the module docstring. interpret=True runs the kernel in the Pallas interpreter."""
+  two forms of the module docstring, or stacked (a leading layer axis on both) with `layer` the
+  int32 index of the one to use, which the index maps read (scalar prefetch): the layer's tiles
+  are fetched from the stack in place. interpret=True runs the kernel in the Pallas interpreter."""
+  if layer is None:
+    codes, scale, layer = codes[None], scale[None], 0
   m, k = x.shape
   packed = codes.dtype == jnp.uint4
-  groups, n = scale.shape[0], scale.shape[-1]
-  want_scale = (groups, 2, n) if packed else (groups, n)
-  if codes.shape != (k, n) or codes.dtype not in (jnp.uint4, jnp.int8) or scale.shape != want_scale or k % groups:
+  layers, groups, n = codes.shape[0], scale.shape[1], scale.shape[-1]
+  want_scale = (layers, groups, 2, n) if packed else (layers, groups, n)
+  if codes.shape != (layers, k, n) or codes.dtype not in (jnp.uint4, jnp.int8) or scale.shape != want_scale or k % groups:
     raise ValueError(f"grouped matmul: x {x.shape}, codes {codes.shape} {codes.dtype}, scale {scale.shape} do not agree")
   group = k // groups
   block_m, block_n, block_k = grouped_block_sizes_tpu(m, k, n, group, packed)
@@ -86,21 +94,25 @@ def grouped_matmul_tpu(x, codes, scale, *, out_dtype=None, interpret=False):
   x = jnp.pad(x, ((0, padded_m - m), (0, 0)))
   groups_k = block_k // group
   if packed:
-    scale_spec = pl.BlockSpec((groups_k, 2, block_n), lambda i, j, kk: (kk, 0, j))
+    scale_spec = pl.BlockSpec((None, groups_k, 2, block_n), lambda i, j, kk, layer: (layer[0], kk, 0, j))
   else:
-    scale_spec = pl.BlockSpec((groups_k, block_n), lambda i, j, kk: (kk, j))
-  return pl.pallas_call(
-      functools.partial(_kernel, group=group, packed=packed),
+    scale_spec = pl.BlockSpec((None, groups_k, block_n), lambda i, j, kk, layer: (layer[0], kk, j))
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
       grid=(padded_m // block_m, n // block_n, k // block_k),
       in_specs=[
-          pl.BlockSpec((block_m, block_k), lambda i, j, kk: (i, kk)),
-          pl.BlockSpec((block_k, block_n), lambda i, j, kk: (kk, j)),
+          pl.BlockSpec((block_m, block_k), lambda i, j, kk, layer: (i, kk)),
+          pl.BlockSpec((None, block_k, block_n), lambda i, j, kk, layer: (layer[0], kk, j)),
           scale_spec,
       ],
-      out_specs=pl.BlockSpec((block_m, block_n), lambda i, j, kk: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((padded_m, n), out_dtype or x.dtype),
+      out_specs=pl.BlockSpec((block_m, block_n), lambda i, j, kk, layer: (i, j)),
       scratch_shapes=[pltpu.VMEM((block_m, block_n), jnp.float32), pltpu.VMEM((block_k, block_n), x.dtype)],
+  )
+  return pl.pallas_call(
+      functools.partial(_kernel, group=group, packed=packed),
+      grid_spec=grid_spec,
+      out_shape=jax.ShapeDtypeStruct((padded_m, n), out_dtype or x.dtype),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="grouped_matmul_tpu",
-  )(x, codes, scale)[:m]
+  )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), x, codes, scale)[:m]
