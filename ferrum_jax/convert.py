@@ -31,7 +31,8 @@ def main(argv=None) -> None:
         max_num_batched_tokens=16, tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
     )  # fmt: skip
     ex.save_checkpoint(args.out_dir)
-    quant = f", {args.quantization} weights" if args.quantization else ""
+    q = ex.quantization
+    quant = "" if q is None else f", {q.method} weights" + (f" in groups of {q.group_size}" if q.group_size else "")
     print(f"wrote {args.out_dir} ({ex.info().num_parameters:,} parameters, {dtype}{quant})")
 
 

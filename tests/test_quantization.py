@@ -211,12 +211,15 @@ def test_orbax_round_trip_restores_quantized(tmp_path, method):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (make test installs it)")
-def test_convert_writes_a_quantized_checkpoint_that_aot_sizes_as_stored(tmp_path):
+@pytest.mark.parametrize("method, stored_as", [("int8", "int8"), ("int4", "int4-g32")])
+def test_convert_writes_a_quantized_checkpoint_that_aot_sizes_as_stored(tmp_path, method, stored_as):
+    """int4 from the default model's Q4_1 file keeps its groups of 32 in the checkpoint, and the
+    aot tool sizes them (their scales are 4x those of groups of 128)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = tmp_path / "int8"
-    run = subprocess.run([sys.executable, "-m", "ferrum_jax.convert", str(fj.default_model_path()), str(out), "--quantization", "int8"],
+    out = tmp_path / method
+    run = subprocess.run([sys.executable, "-m", "ferrum_jax.convert", str(fj.default_model_path()), str(out), "--quantization", method],
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0 and "int8 weights" in run.stdout, run.stderr[-3000:]
+    assert run.returncode == 0 and f"{method} weights" in run.stdout, run.stderr[-3000:]
     restored = fj.JaxModelExecutor.from_pretrained(out, progress=False, **LIMITS)
     stored = restored.memory_requirements().parameter_memory
     report = tmp_path / "r.json"
@@ -227,7 +230,7 @@ def test_convert_writes_a_quantized_checkpoint_that_aot_sizes_as_stored(tmp_path
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     r = json.loads(report.read_text())
-    assert r["limits"]["quantization"] == "int8" and r["weight_bytes_per_device"] == stored, (r, run.stderr[-2000:])
+    assert r["limits"]["quantization"] == stored_as and r["weight_bytes_per_device"] == stored, (r, run.stderr[-2000:])
 
 
 def test_a_q4_gguf_loads_its_own_blocks_as_int4():

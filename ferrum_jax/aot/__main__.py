@@ -75,14 +75,22 @@ def resolve_limits(s: ServeSettings, target: Target) -> Limits:
     )
 
 
-def _stored_quantization(s: ServeSettings) -> str | None:
-    """A quantized ferrum checkpoint's method: the server would restore it quantized."""
+def _stored_quantization(s: ServeSettings) -> Quantization | None:
+    """A quantized ferrum checkpoint's quantization, group size included (a checkpoint converted
+    from GGUF blocks has groups of 32, whose scales weigh 4x those of 128): the server would
+    restore it as stored."""
     from ferrum_jax.models.checkpoint import checkpoint_quantization, is_ferrum_checkpoint
 
     if s.model is None or not is_ferrum_checkpoint(s.model):
         return None
-    quant = checkpoint_quantization(s.model)
-    return None if quant is None else quant.method
+    return checkpoint_quantization(s.model)
+
+
+def _describe(quant: Quantization | None) -> str | None:
+    """"int8", "int4", or with a group size: "int8-g32"."""
+    if quant is None:
+        return None
+    return quant.method if quant.group_size is None else f"{quant.method}-g{quant.group_size}"
 
 
 def weight_bytes_per_device(cfg: ModelConfig, limits: Limits, devices: list) -> int:
@@ -111,7 +119,7 @@ def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[Comp
     copies = {f"{p.kind}_{p.bucket}": kv_pool_copies(p.hlo, device_pool, cfg.num_layers) for p in programs}
     return {
         "target": target.name,
-        "limits": vars(limits),
+        "limits": {**vars(limits), "quantization": _describe(Quantization.parse(limits.quantization))},
         "programs": [
             {"kind": p.kind, "bucket": p.bucket, "compile_s": round(p.seconds, 2), "argument_bytes": p.argument_bytes,
              "output_bytes": p.output_bytes, "alias_bytes": p.alias_bytes, "temp_bytes": p.temp_bytes,

@@ -49,7 +49,7 @@ class Limits:
     num_pages: int
     tensor_parallel_size: int
     attention: str
-    quantization: str | None = None
+    quantization: str | Quantization | None = None  # a method name, or a stored checkpoint's
     kv_cache_dtype: str = "auto"
 
 
