@@ -116,7 +116,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         """`state` must already be placed as `param_shardings(cfg, mesh)` says; the
         classmethods below do that. mesh None: one device. enable_prefix_caching: full KV
         pages are named by their prefix and `match_prefix` finds them for a new sequence.
-        quantization: how `state`'s linear weights are quantized (None: float). kv_cache_dtype:
+        quantization: how `state`'s linear weights are quantized (None: float); on TPU packed
+        int4 weights become `uint4` here (models.int4_codes), consuming the arrays passed in. kv_cache_dtype:
         "auto" (the model dtype), "int8" or "fp8" (e4m3): pages of one byte per value, half of
         bfloat16's bytes per token, with per-(layer, KV head) scales calibrated here
         (`kv.calibration`)."""

@@ -73,10 +73,10 @@ def kernel_project(x_tk, w, s, n_in: int, dtype, out_dtype, backend, parallel: s
     args = (x_tk, codes, scales) + (() if index is None else (index,))
     if tp == 1:
         return local(*args)
-    lead = (None,) if in_place else ()
+    layer_axis = (None,) if in_place else ()
     x_spec = P(None, "model") if parallel == "row" else P()
     out_spec = P() if parallel == "row" else P(None, *tuple(w_spec)[n_in:])
-    in_specs = (x_spec, P(*lead, *w_spec), P(*lead, *s_spec)) + (() if index is None else (P(),))
+    in_specs = (x_spec, P(*layer_axis, *w_spec), P(*layer_axis, *s_spec)) + (() if index is None else (P(),))
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
 

@@ -7,7 +7,8 @@ the loaders produce and what orbax stores, on every platform.
 On TPU the grouped matmuls read XLA's own `uint4` type, stored in the float layout `[in...,
 out...]` (the compiler packs two codes per byte in HBM: the same bytes as the packed form): the
 Mosaic kernel (pallas_kernels.grouped_matmul) converts uint4 tiles in VMEM, and XLA's grouped
-dots (tensor parallelism) fuse uint4 into the dot from 8 rows up (`project` pads decode rows),
+dots (where the kernel does not apply) fuse uint4 into the dot from 8 rows up (`project` pads
+decode rows),
 where over packed bytes the masks, shifts and concatenation that unpack them are written out as
 a dequantized copy of the weight every step (`python -m ferrum_jax.bench int4-forms --target
 tpu-v6e-1`). So on TPU the executor converts each packed weight once when it receives its state
