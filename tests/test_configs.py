@@ -19,14 +19,15 @@ import yaml
 import ferrum_jax as fj
 from ferrum_jax.executor.presets import CONFIG_DIR, load_preset
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.registry import declarations, model_config_from_dir
 from ferrum_jax.models.sharding import check_divisible, kv_heads_sharded
 from ferrum_jax.serve.loading import ModelSource, model_presets
 from ferrum_jax.serve.settings import parse_settings
 
 GiB = 2**30
 # The published architectures, as config.json files the aot tool compiles from too.
-LLAMA3_8B = ModelConfig.from_hf_dir(CONFIG_DIR / "models" / "llama-3-8b")
-LLAMA3_70B = ModelConfig.from_hf_dir(CONFIG_DIR / "models" / "llama-3-70b")
+LLAMA3_8B = model_config_from_dir(CONFIG_DIR / "models" / "llama-3-8b")
+LLAMA3_70B = model_config_from_dir(CONFIG_DIR / "models" / "llama-3-70b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,7 @@ def test_model_presets_load(path):
 
 
 def test_bench_125m_has_about_125m_parameters_and_builds():
-    n = load_preset("bench_125m").model.num_parameters()
+    n = declarations(load_preset("bench_125m").model).num_parameters()
     assert 120e6 <= n <= 130e6, n
     ex = fj.JaxModelExecutor.from_preset("bench_125m", max_batch_size=1, max_sequence_length=32, num_pages=4, max_num_batched_tokens=16)
     assert (ex.info().num_parameters, ex.cfg.vocab_size, ex.cfg.hidden_size) == (n, 32000, 768)
@@ -121,7 +122,7 @@ def _per_device_bytes(cfg: ModelConfig, tp: int, num_pages: int, page_size: int,
     split tp ways except norms and, when tp exceeds the KV heads, the replicated k/v."""
     kv_weights = cfg.num_layers * 2 * cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim
     kv_split = tp if kv_heads_sharded(cfg, tp) else 1
-    weights = ((cfg.num_parameters() - kv_weights) / tp + kv_weights / kv_split) * dtype_bytes
+    weights = ((declarations(cfg).num_parameters() - kv_weights) / tp + kv_weights / kv_split) * dtype_bytes
     kv_per_token = 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes * cfg.num_layers / kv_split
     return weights, num_pages * page_size * kv_per_token
 

@@ -18,7 +18,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 import ferrum_jax as fj
 from ferrum_jax.executor.loading import source_dtype
 from ferrum_jax.models.param_tree import flatten_state
-from ferrum_jax.models.quantization import Quantization, input_axes
+from ferrum_jax.models.quantization import Quantization
+from ferrum_jax.models.registry import declarations
 from ferrum_jax.serve.tokenizer import load_tokenizer
 from gguf_files import Vocab, write_gguf
 
@@ -162,8 +163,8 @@ def our_weight(ex, path: str, layer: int) -> np.ndarray:
     """One layer's weight of a quantized executor as HF's `[out, in]` float64, dequantized here
     from its codes (int8 per group, or int4 nibbles: a group's first half low, second half high)."""
     flat = {k: np.asarray(v) for k, v in flatten_state(ex._state).items()}
-    codes, scale = flat[path][layer], flat[path + "_scale"][layer].astype(np.float64)
-    groups, outs = scale.shape[0], int(np.prod(codes.shape[input_axes(path) :]))
+    codes, scale = flat[path + ".weight"][layer], flat[path + ".scale"][layer].astype(np.float64)
+    groups, outs = scale.shape[0], int(np.prod(codes.shape[declarations(ex.cfg)[path + ".weight"].n_in :]))
     if codes.dtype == np.int8:
         w = codes.reshape(groups, -1, outs) * scale.reshape(groups, 1, outs)
     else:
@@ -322,7 +323,7 @@ def test_bad_gguf_files_are_clear_errors(llama_model, tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "gemma.gguf"), "gemma")
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(fj.UnsupportedError, match=r"GGUF architecture 'gemma'.*supported: \['llama', 'mistral', 'qwen2', 'qwen3'\]"):
+    with pytest.raises(fj.UnsupportedError, match=r"GGUF architecture 'gemma'.*supported: \['gemma2', 'gemma3', 'llama', 'mistral', 'qwen2', 'qwen3'\]"):
         fj.JaxModelExecutor.from_pretrained(tmp_path / "gemma.gguf", **LIMITS)
     with pytest.raises(fj.UnsupportedError, match=r"tokenizer\.ggml\.model=None.*supported: 'gpt2'"):
         load_tokenizer(tmp_path / "gemma.gguf")

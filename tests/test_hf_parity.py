@@ -174,6 +174,11 @@ def test_batched_prefill_and_decode_match_hf(hf_variant, executor, run):
             executor.release_cache(c.cache_id)
 
 
+def test_parameter_count_equals_hf(hf_variant, executor):
+    """The count the family's declarations give (ModelInfo.num_parameters) is torch's."""
+    assert executor.info().num_parameters == sum(p.numel() for p in hf_variant.model.parameters())
+
+
 @pytest.mark.parametrize("hf_variant", ["llama3_legacy"], indirect=True)
 def test_rewritten_rope_config_means_the_same_to_hf(hf_variant):
     # Guards the fixture: the legacy variant is only a loader test if transformers

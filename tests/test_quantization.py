@@ -25,7 +25,9 @@ from ferrum_jax.executor.jax_executor import JaxModelExecutor
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models import int4_codes
 from ferrum_jax.models.param_tree import abstract_model, flatten_state, unflatten_into
-from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization, input_axes, project, quantize
+from ferrum_jax.models.declare import SCALE, scale_path
+from ferrum_jax.models.quantization import Quantization, project, quantize
+from ferrum_jax.models.registry import declarations
 
 LIMITS = dict(dtype="float32", max_batch_size=2, max_sequence_length=128, max_num_batched_tokens=64)
 TEXT = Path(__file__).parent / "data" / "perplexity_text.txt"
@@ -110,16 +112,17 @@ def _dequantized_twin(ex: JaxModelExecutor) -> JaxModelExecutor:
     """A float executor whose weights are `ex`'s dequantized by the numpy oracle."""
     flat = {k: np.asarray(v) for k, v in flatten_state(ex._state).items()}
     floats = {}
+    decls = declarations(ex.cfg)
     for path, value in flat.items():
-        if path.endswith(SCALE_SUFFIX):
+        if path.endswith(SCALE):
             continue
-        scale = flat.get(path + SCALE_SUFFIX)
+        scale = flat.get(scale_path(path))
         if scale is None:
             floats[path] = value
         elif path.startswith("layers."):
-            floats[path] = np.stack([numpy_dequantize(v, s, input_axes(path)) for v, s in zip(value, scale)]).astype(np.float32)
+            floats[path] = np.stack([numpy_dequantize(v, s, decls[path].n_in) for v, s in zip(value, scale)]).astype(np.float32)
         else:
-            floats[path] = numpy_dequantize(value, scale, input_axes(path)).astype(np.float32)
+            floats[path] = numpy_dequantize(value, scale, decls[path].n_in).astype(np.float32)
     graphdef, abstract = abstract_model(ex.cfg, np.float32)
     return JaxModelExecutor(ex.cfg, graphdef, unflatten_into(abstract, floats), model_id="twin", dtype="float32", **LIMITS_NO_DTYPE)
 
@@ -177,7 +180,7 @@ def test_an_executor_holding_uint4_codes_saves_the_packed_checkpoint(tmp_path):
     size = src.memory_requirements().parameter_memory
     ex = JaxModelExecutor(src.cfg, src._graphdef, int4_codes.state_to_uint4(src._state), model_id="uint4",
                           dtype="float32", quantization=src.quantization, hf_config=src.hf_config, **LIMITS_NO_DTYPE)  # fmt: skip
-    assert flatten_state(ex._state)["layers.mlp.down"].dtype == jnp.uint4
+    assert flatten_state(ex._state)["layers.mlp.down.weight"].dtype == jnp.uint4
     assert ex.memory_requirements().parameter_memory == size
     ex.save_checkpoint(tmp_path / "q")
     back = flatten_state(fj.JaxModelExecutor.from_pretrained(tmp_path / "q", progress=False, **LIMITS)._state)
@@ -193,10 +196,10 @@ def test_tensor_parallel_quantized_equals_one_device(method):
     ids = list(range(5, 40))
     np.testing.assert_allclose(all_logits(one, ids), all_logits(two, ids), atol=2e-4, rtol=1e-4)
     # Row-parallel down: its groups split with its inputs when each shard holds whole groups.
-    scale = flatten_state(two._state)["layers.mlp.down_scale"]
+    scale = flatten_state(two._state)["layers.mlp.down.scale"]
     assert scale.sharding.spec[1] == ("model" if scale.shape[1] % 2 == 0 else None)
     # Column-parallel up: per-group scales split over the outputs, like the weight.
-    assert flatten_state(two._state)["layers.mlp.up_scale"].sharding.spec[-1] == "model"
+    assert flatten_state(two._state)["layers.mlp.up.scale"].sharding.spec[-1] == "model"
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -245,11 +248,11 @@ def test_a_q4_gguf_loads_its_own_blocks_as_int4():
     flat = {k: np.asarray(v) for k, v in flatten_state(ex._state).items()}
     ckpt = GGUFCheckpoint(open_gguf(fj.default_model_path()), hf_config_of(fj.default_model_path()))
     for layer in (0, 17):
-        down = numpy_dequantize(flat["layers.mlp.down"][layer], flat["layers.mlp.down_scale"][layer], 1)
+        down = numpy_dequantize(flat["layers.mlp.down.weight"][layer], flat["layers.mlp.down.scale"][layer], 1)
         np.testing.assert_array_equal(down, ckpt.read(f"model.layers.{layer}.mlp.down_proj.weight").T)
-        q = numpy_dequantize(flat["layers.attn.wq"][layer], flat["layers.attn.wq_scale"][layer], 1)
+        q = numpy_dequantize(flat["layers.attn.wq.weight"][layer], flat["layers.attn.wq.scale"][layer], 1)
         np.testing.assert_array_equal(q.reshape(q.shape[0], -1), ckpt.read(f"model.layers.{layer}.self_attn.q_proj.weight").T)
-        o = numpy_dequantize(flat["layers.attn.wo"][layer], flat["layers.attn.wo_scale"][layer], 2)
+        o = numpy_dequantize(flat["layers.attn.wo.weight"][layer], flat["layers.attn.wo.scale"][layer], 2)
         np.testing.assert_array_equal(o.reshape(-1, o.shape[-1]), ckpt.read(f"model.layers.{layer}.self_attn.o_proj.weight").T)
 
 

@@ -71,19 +71,19 @@ def test_tp_matches_single_device(single, cfg, tp):
     specs = {k: spec(v) for k, v in flatten_state(ex._state).items()}
     assert specs["embed"] == P("model", None)
     # per-layer parameters are stacked on a leading, unsharded layer axis
-    assert specs["layers.attn.wq"] == P(None, None, "model", None)
-    assert specs["layers.attn.wk"] == P(None, None, kv_axis, None)
-    assert specs["layers.attn.wo"] == P(None, "model", None, None)
-    assert specs["layers.mlp.gate"] == P(None, None, "model") and specs["layers.mlp.down"] == P(None, "model", None)
+    assert specs["layers.attn.wq.weight"] == P(None, None, "model", None)
+    assert specs["layers.attn.wk.weight"] == P(None, None, kv_axis, None)
+    assert specs["layers.attn.wo.weight"] == P(None, "model", None, None)
+    assert specs["layers.mlp.gate.weight"] == P(None, None, "model") and specs["layers.mlp.down.weight"] == P(None, "model", None)
     if not cfg.tie_word_embeddings:
-        assert specs["lm_head"] == P(None, "model")
+        assert specs["lm_head.weight"] == P(None, "model")
     replicated = {k for k, s in specs.items() if all(a is None for a in s)}
     intended = {k for k in specs if REPLICATED.fullmatch(k)}
     if kv_axis is None:
-        intended |= {k for k in specs if re.fullmatch(r".*\.attn\.(wk|wv|bk|bv)", k)}
+        intended |= {k for k in specs if re.fullmatch(r".*\.attn\.(wk|wv)\.(weight|bias)", k)}
     assert replicated == intended
     # every device holds only its shard of a column-parallel weight
-    wq = flatten_state(ex._state)["layers.attn.wq"]
+    wq = flatten_state(ex._state)["layers.attn.wq.weight"]
     assert {s.data.shape for s in wq.addressable_shards} == {(cfg.num_layers, 128, 8 // tp, 16)}
 
 
@@ -103,7 +103,7 @@ def test_orbax_restores_sharded(tmp_path, single):
     src.save_checkpoint(tmp_path / "ck")
     ref, gen = run_greedy(src)
     back = fj.JaxModelExecutor.from_pretrained(tmp_path / "ck", tensor_parallel_size=4, **LIMITS)
-    wq = flatten_state(back._state)["layers.attn.wq"]
+    wq = flatten_state(back._state)["layers.attn.wq.weight"]
     assert spec(wq) == P(None, None, "model", None) and len(wq.addressable_shards) == 4
     logits, gen_back = run_greedy(back)
     np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
@@ -135,7 +135,7 @@ def test_convert_cli_then_sharded_restore_matches_hf_dir(tmp_path):
     convert.main([str(variant.path), str(tmp_path / "orbax"), "--dtype", "float32"])
     from_hf = fj.JaxModelExecutor.from_pretrained(variant.path, **LIMITS)
     restored = fj.JaxModelExecutor.from_pretrained(tmp_path / "orbax", tensor_parallel_size=2, **LIMITS)
-    assert spec(flatten_state(restored._state)["layers.mlp.gate"]) == P(None, None, "model")
+    assert spec(flatten_state(restored._state)["layers.mlp.gate.weight"]) == P(None, None, "model")
     a, gen_a = run_greedy(from_hf)
     b, gen_b = run_greedy(restored)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 
 import ferrum_jax as fj
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.registry import model_config, model_config_from_dir
 from ferrum_jax.models.safetensors_reader import SafetensorsDir
 
 LIMITS = dict(dtype="float32", max_batch_size=2, max_sequence_length=64, page_size=8, max_num_batched_tokens=64)
@@ -67,7 +68,7 @@ def test_sliding_window_models_match_hf(tmp_path, config):
     """Windows far shorter than the prompt, so a model ignoring them would diverge."""
     model = seeded(config)
     path = save(model, tmp_path / "sw")
-    windows = ModelConfig.from_hf_dir(path).sliding_windows
+    windows = model_config_from_dir(path).sliding_windows
     assert any(windows)
     ex = fj.JaxModelExecutor.from_pretrained(path, **LIMITS)
     toks = np.random.default_rng(0).integers(0, 256, 40).astype(np.int32)
@@ -94,7 +95,7 @@ def test_every_mismatch_is_reported_in_one_error(tmp_path):
     with pytest.raises(fj.InvalidConfigError) as err:
         fj.JaxModelExecutor.from_pretrained(path, **LIMITS)
     msg = str(err.value)
-    assert "layers.mlp.up[1]" in msg and "missing 1" in msg
+    assert "model.layers.1.mlp.up_proj.weight" in msg and "missing 1" in msg
     assert "unexpected 1" in msg and "model.extra_thing.weight" in msg
     assert "model.layers.0.self_attn.k_proj.weight: shape [3, 64], expected [32, 64]" in msg
 
@@ -116,7 +117,7 @@ def test_rope_spellings_parse_identically():
     v5 = {"architectures": ["LlamaForCausalLM"], **COMMON,
           "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
-    a, b = ModelConfig.from_hf_dict(v4), ModelConfig.from_hf_dict(v5)
+    a, b = model_config(v4), model_config(v5)
     assert a == b and a.rope.rope_type == "llama3" and a.rope.theta == 5e5
 
 
@@ -132,7 +133,7 @@ def test_rope_spellings_parse_identically():
 )
 def test_unsupported_options_are_named(patch, needle):
     with pytest.raises(fj.FerrumError, match=needle.replace("(", r"\(").replace("[", r"\[")):
-        ModelConfig.from_hf_dict({"architectures": ["LlamaForCausalLM"], **COMMON, **patch})
+        model_config({"architectures": ["LlamaForCausalLM"], **COMMON, **patch})
 
 
 def test_missing_config_is_a_clear_error(tmp_path):

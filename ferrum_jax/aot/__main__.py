@@ -35,6 +35,7 @@ from ferrum_jax.executor.compile_cache import enable_persistent_cache
 from ferrum_jax.executor.platform_defaults import default_dtype, default_max_num_batched_tokens
 from ferrum_jax.executor.program_plan import PROGRAM_FAMILIES, target_programs
 from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.models import registry
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.kv.pages import kv_cache_dtype
 from ferrum_jax.models.param_tree import abstract_model, param_shardings, unflatten_into
@@ -50,7 +51,7 @@ def model_config(s: ServeSettings) -> ModelConfig:
     from ferrum_jax.default_model import default_model_path
     from ferrum_jax.executor.loading import hf_config_of
 
-    return ModelConfig.from_hf_dict(hf_config_of(Path(s.model) if s.model else default_model_path()))
+    return registry.model_config(hf_config_of(Path(s.model) if s.model else default_model_path()))
 
 
 def resolve_limits(s: ServeSettings, target: Target) -> Limits:

@@ -49,6 +49,7 @@ TARGETS = {
         Target("tpu-v5e-1", "tpu", "v5e:1x1", (1, 1, 1), 16 * GiB),
         Target("tpu-v5e-8", "tpu", "v5e:2x4", (2, 4, 1), 16 * GiB),
         Target("tpu-v6e-1", "tpu", "v6e:1x1", (1, 1, 1), 32 * GiB),
+        Target("tpu-v6e-4", "tpu", "v6e:2x2", (2, 2, 1), 32 * GiB),
         Target("tpu-v6e-8", "tpu", "v6e:2x4", (2, 4, 1), 32 * GiB),
         # v5p-8: 4 chips of 2 TensorCores (megacore), one JAX device each.
         Target("tpu-v5p-8", "tpu", "v5p:2x2x1", (2, 2, 1), 95 * GiB),

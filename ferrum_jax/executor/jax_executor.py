@@ -73,6 +73,7 @@ from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.int4_codes import state_to_uint4, wants_uint4
 from ferrum_jax.models.param_tree import state_nbytes
 from ferrum_jax.models.quantization import Quantization
+from ferrum_jax.models.registry import declarations
 from pallas_kernels.ragged_paged_attention.dispatch import fp8_supported
 from ferrum_jax.step.ragged_step import feed_sharding, make_ragged_step, make_sampler
 from ferrum_jax.step.sampling import SamplingRow, bitmask_words, build_sampling_batch, sampling_probs
@@ -190,7 +191,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._info = ModelInfo(
             model_id=model_id,
             model_type=cfg.architecture,
-            num_parameters=cfg.num_parameters(),
+            num_parameters=declarations(cfg).num_parameters(),
             hidden_size=cfg.hidden_size,
             num_layers=cfg.num_layers,
             num_heads=cfg.num_heads,
@@ -297,7 +298,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         if self.hf_config is None:
             raise FerrumError.unsupported("this executor was built from a ModelConfig alone: no HF config.json to save")
         save_checkpoint(
-            path, unpad(to_packed(flatten_state(self._state)), self.cfg.vocab_size), self.hf_config, self.dtype, self.quantization
+            path, unpad(declarations(self.cfg), to_packed(flatten_state(self._state)), self.cfg.vocab_size), self.hf_config, self.dtype,
+            self.quantization,
         )
 
     # ------------------------------------------------------------------ interface

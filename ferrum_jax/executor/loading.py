@@ -26,7 +26,9 @@ from ferrum_jax.models.gguf_config import hf_config_from_gguf
 from ferrum_jax.models.gguf_file import find_gguf, open_gguf
 from ferrum_jax.models.gguf_weights import GGUFCheckpoint
 from ferrum_jax.models.param_tree import abstract_model, flatten_state, param_shardings, unflatten_into
-from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization
+from ferrum_jax.models.declare import SCALE, scale_path
+from ferrum_jax.models.quantization import Quantization
+from ferrum_jax.models.registry import declarations, model_config
 from ferrum_jax.models.safetensors_reader import SafetensorsDir
 from ferrum_jax.models.vocab_padding import pad_to, unpadded_shape
 from ferrum_jax.models.weights import load_hf_params
@@ -86,7 +88,7 @@ def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True, quant
 
 
 def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, model_id: str, quant) -> Loaded:
-    cfg = ModelConfig.from_hf_dict(hf_config)
+    cfg = model_config(hf_config)
     if quant is not None and quant.group_size is None and _holds_blocks_of(ckpt, quant.method):
         # A GGUF file with Q4_0/Q4_1/Q4_K (int4) or Q8_0 (int8) linear tensors: their own 32-input
         # groups are the file's exact precision (regrouping int4 by 128 loses it: +45% perplexity
@@ -94,10 +96,7 @@ def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, m
         # Q6_K ones) are quantized into the same groups.
         quant = Quantization(quant.method, 32)
     graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype), mesh.shape["model"], quant)
-    flat = load_hf_params(
-        ckpt, flatten_state(abstract), param_shardings(cfg, mesh, abstract),
-        tied_embeddings=cfg.tie_word_embeddings, progress=progress, vocab_size=cfg.vocab_size, quant=quant,
-    )  # fmt: skip
+    flat = load_hf_params(ckpt, cfg, flatten_state(abstract), param_shardings(cfg, mesh, abstract), progress=progress, quant=quant)
     return Loaded(cfg, hf_config, graphdef, unflatten_into(abstract, flat), model_id, quant)
 
 
@@ -108,7 +107,8 @@ def _holds_blocks_of(ckpt, method: str) -> bool:
 
 
 def _restore(path: Path, hf_config: dict, dtype: str, mesh: Mesh, quant: Quantization | None) -> Loaded:
-    cfg = ModelConfig.from_hf_dict(hf_config)
+    cfg = model_config(hf_config)
+    decls = declarations(cfg)
     stored = jnp.dtype(checkpoint_dtype(path))
     saved_quant = checkpoint_quantization(path)
     if quant is not None and quant != saved_quant:
@@ -124,10 +124,10 @@ def _restore(path: Path, hf_config: dict, dtype: str, mesh: Mesh, quant: Quantiz
     # divide it cannot split: such tensors restore whole on every device, then pad and split.
     replicated = NamedSharding(mesh, PartitionSpec())
     # Quantized weights and their scales restore as stored; the float leaves in `stored`.
-    kept = {k: v.dtype for k, v in flatten_state(abstract).items() if k.endswith(SCALE_SUFFIX) or k + SCALE_SUFFIX in padded}
+    kept = {k: v.dtype for k, v in flatten_state(abstract).items() if k.endswith(SCALE) or scale_path(k) in padded}
     target = {}
     for k, shape in padded.items():
-        real = unpadded_shape(k, shape, cfg.vocab_size)
+        real = unpadded_shape(decls, k, shape, cfg.vocab_size)
         target[k] = jax.ShapeDtypeStruct(real, kept.get(k, stored), sharding=shardings[k] if real == shape else replicated)
     flat = {k: pad_to(v, padded[k], shardings[k]) for k, v in restore_checkpoint(path, target).items()}
     want = jnp.dtype(dtype)

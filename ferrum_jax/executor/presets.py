@@ -10,6 +10,7 @@ import yaml
 
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.registry import model_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -31,7 +32,7 @@ def load_preset(name: str) -> Preset:
         raise FerrumError.invalid_config(f"unknown preset {name!r}; known presets: {known}")
     return Preset(
         name=name,
-        model=ModelConfig.from_hf_dict(raw["model"]),
+        model=model_config(raw["model"]),
         hf_config=raw["model"],
         seed=int(raw.get("seed", 0)),
         executor_options=dict(raw.get("executor", {})),

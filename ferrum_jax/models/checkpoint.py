@@ -6,9 +6,10 @@ weights and float32 scales are stored as they are) and `params/` (an orbax PyTre
 parameter dict). Restoring takes the target abstract arrays — with their shardings — so
 each device reads only its own shard.
 
-Format 2 stores per-layer parameters stacked (`layers.attn.wq [num_layers, ...]`); format 1
-(one tensor per layer) predates the scanned layer stack and is refused with the command that
-rewrites it.
+Format 3 stores the parameters under their declared paths (models.declare: a linear layer's
+`layers.attn.wq.weight`, `.scale`, `.bias`), per-layer ones stacked `[num_layers, ...]`. Format
+2 (`layers.attn.wq`, `layers.attn.wq_scale`, before every projection became one linear module)
+and format 1 (one tensor per layer) are refused with the command that rewrites them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.quantization import Quantization
 
 MARKER = "ferrum_checkpoint.json"
-FORMAT = 2
+FORMAT = 3
 
 
 def is_ferrum_checkpoint(path: str | Path) -> bool:

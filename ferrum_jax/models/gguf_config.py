@@ -4,10 +4,11 @@ GGUF files carry no config.json: llama.cpp stores the model's shape under `{arch
 Rebuilding the HF dict (rather than a `ModelConfig` directly) keeps one path for every
 checkpoint kind: `ModelConfig.from_hf_dict` validates it, and orbax conversion stores it.
 
-Architectures: `llama` (Llama 1/2/3, and Mistral 7B, which llama.cpp writes as `llama`),
-`mistral` (the spelling transformers also accepts), `qwen2` and `qwen3`. What the metadata
-cannot express is refused, never approximated: a RoPE scaling other than linear, or a
-`rope_freqs` tensor that is not Llama 3's frequency ramp.
+Architectures: those the registry's families list (models.registry): `llama` (Llama 1/2/3, and
+Mistral 7B, which llama.cpp writes as `llama`), `mistral`, `qwen2`, `qwen3`, `gemma2`,
+`gemma3`; the keys every llama.cpp architecture writes are read here, a family's own ones by its
+`gguf_config`. What the metadata cannot express is refused, never approximated: a RoPE scaling
+other than linear, or a `rope_freqs` tensor that is not Llama 3's frequency ramp.
 """
 
 from __future__ import annotations
@@ -18,13 +19,7 @@ import numpy as np
 
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.gguf_file import GGUFFile
-
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+from ferrum_jax.models.registry import resolve_gguf
 
 # Llama 3.1 / 3.2 ship their RoPE scaling as a `rope_freqs` tensor of per-frequency divisors
 # computed from these parameters (factor, low_freq_factor, high_freq_factor, original context).
@@ -33,10 +28,8 @@ _LLAMA3_ROPE_CANDIDATES = ((8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (16.0,
 
 def hf_config_from_gguf(f: GGUFFile) -> dict:
     arch = f.require("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise FerrumError.unsupported(
-            f"GGUF architecture {arch!r} in {f.path} is not supported; supported: {sorted(ARCHITECTURES)}"
-        )
+    fam, tag = resolve_gguf(arch, f.path)
+    hf_arch = next(name for name, t in fam.architectures.items() if t == tag)
 
     def key(name, default=None):
         return f.get(f"{arch}.{name}", default) if default is not None else f.require(f"{arch}.{name}")
@@ -46,8 +39,8 @@ def hf_config_from_gguf(f: GGUFFile) -> dict:
     head_dim = int(f.get(f"{arch}.attention.key_length") or f.get(f"{arch}.rope.dimension_count") or hidden // num_heads)
     vocab = f.get(f"{arch}.vocab_size") or f.tensors["token_embd.weight"].shape[0]
     cfg = {
-        "architectures": [ARCHITECTURES[arch]],
-        "model_type": arch,
+        "architectures": [hf_arch],
+        "model_type": fam.gguf_model_type.get(tag, tag),
         "vocab_size": int(vocab),
         "hidden_size": hidden,
         "intermediate_size": int(key("feed_forward_length")),
@@ -72,6 +65,8 @@ def hf_config_from_gguf(f: GGUFFile) -> dict:
         token_id = f.get(f"tokenizer.ggml.{name}_token_id")
         if token_id is not None:
             cfg[f"{name}_token_id"] = int(token_id)
+    if fam.gguf_config is not None:
+        cfg.update(fam.gguf_config(key, cfg))
     return cfg
 
 

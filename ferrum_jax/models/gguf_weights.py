@@ -4,7 +4,10 @@
 (its name table, one-error mismatch report, progress bar and shard-by-shard placement) loads
 GGUF files unchanged. Two things differ from a HF file and are undone here:
 
-- names: llama.cpp's `blk.N.attn_q.weight` is HF's `model.layers.N.self_attn.q_proj.weight`;
+- names: llama.cpp's `blk.N.attn_q.weight` is HF's `model.layers.N.self_attn.q_proj.weight`, as
+  the family declares both (models.declare);
+- Gemma's norm weights: llama.cpp's converter stores w + 1 (its RMSNorm multiplies by the weight,
+  Gemma's by 1 + w), so 1 is taken off again;
 - RoPE layout: for `llama`/`mistral` files llama.cpp's converter permutes the rows of q and k
   (within each head, the two rotated halves are interleaved pairwise, the layout its rotary
   kernel wants). HF's `rotate_half` wants the halves contiguous, so the rows are put back.
@@ -30,32 +33,16 @@ import re
 
 import numpy as np
 
+from ferrum_jax.models.declare import Declarations
 from ferrum_jax.models.gguf_file import GGUFFile
+from ferrum_jax.models.registry import declarations, family, model_config
 
-_B = r"blk\.(\d+)\."
-_NAMES = [
-    (r"token_embd\.weight", "model.embed_tokens.weight"),
-    (r"output_norm\.weight", "model.norm.weight"),
-    (r"output\.weight", "lm_head.weight"),
-    (_B + r"attn_norm\.weight", "model.layers.{0}.input_layernorm.weight"),
-    (_B + r"ffn_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
-    (_B + r"attn_q\.(weight|bias)", "model.layers.{0}.self_attn.q_proj.{1}"),
-    (_B + r"attn_k\.(weight|bias)", "model.layers.{0}.self_attn.k_proj.{1}"),
-    (_B + r"attn_v\.(weight|bias)", "model.layers.{0}.self_attn.v_proj.{1}"),
-    (_B + r"attn_output\.(weight|bias)", "model.layers.{0}.self_attn.o_proj.{1}"),
-    (_B + r"attn_q_norm\.weight", "model.layers.{0}.self_attn.q_norm.weight"),
-    (_B + r"attn_k_norm\.weight", "model.layers.{0}.self_attn.k_norm.weight"),
-    (_B + r"ffn_gate\.weight", "model.layers.{0}.mlp.gate_proj.weight"),
-    (_B + r"ffn_up\.weight", "model.layers.{0}.mlp.up_proj.weight"),
-    (_B + r"ffn_down\.weight", "model.layers.{0}.mlp.down_proj.weight"),
-]
 # Consumed by the config (Llama 3's RoPE scaling), not a parameter.
 _CONFIG_TENSORS = {"rope_freqs.weight"}
 # Bytes before the 16 nibble bytes of a 32-input block.
 _INT4_BLOCKS = {"Q4_0": 2, "Q4_1": 4}
 _Q4_K_BLOCK = 144  # bytes of 256 inputs: d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 of nibbles
 _Q8_0_BLOCK = 34  # bytes of 32 inputs: d (f16), 32 int8 codes
-_PERMUTED_ARCHS = ("llama", "mistral")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,28 +51,38 @@ class _Entry:
     shape: tuple[int, ...]
 
 
-def hf_name(gguf_name: str) -> str:
+def gguf_names(decls: Declarations) -> list[tuple[re.Pattern, str]]:
+    """(GGUF name pattern, HF name template) of every parameter declared with a GGUF name."""
+    return [(re.compile(re.escape(d.gguf).replace(r"\{\}", r"(\d+)")), d.hf) for d in decls if d.gguf is not None]
+
+
+def hf_name(names: list[tuple[re.Pattern, str]], gguf_name: str) -> str:
     """The HF name of a GGUF tensor; an unknown name is returned as is (and reported as unexpected)."""
-    for pattern, template in _NAMES:
-        m = re.fullmatch(pattern, gguf_name)
+    for pattern, template in names:
+        m = pattern.fullmatch(gguf_name)
         if m:
             return template.format(*m.groups())
     return gguf_name
 
 
 class GGUFCheckpoint:
-    """`entries` (HF name -> entry with `.shape`) and `read(HF name)` over one GGUF file."""
+    """`entries` (HF name -> entry with `.shape`) and `read(HF name)` over one GGUF file, with the
+    tensor names of the family `hf_config` belongs to (models.registry)."""
 
     def __init__(self, f: GGUFFile, hf_config: dict):
         self.path = f.path
         self._file = f
+        cfg = model_config(hf_config)
+        fam = family(cfg)
+        names = gguf_names(declarations(cfg))
         self.entries = {
-            hf_name(t.name): _Entry(t.name, t.shape) for t in f.tensors.values() if t.name not in _CONFIG_TENSORS
+            hf_name(names, t.name): _Entry(t.name, t.shape) for t in f.tensors.values() if t.name not in _CONFIG_TENSORS
         }
-        permuted = hf_config["model_type"] in _PERMUTED_ARCHS
-        heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+        # Norm weights llama.cpp's converter stored as w + 1 (Gemma's x * (1 + w)).
+        self._plus_one = {n for n in self.entries if fam.gguf_norms_plus_one and n.endswith("norm.weight")}
+        heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
         self._row_groups = {}
-        if permuted:
+        if cfg.architecture in fam.gguf_permuted_tags:
             for name in self.entries:
                 if ".self_attn.q_proj." in name:
                     self._row_groups[name] = heads
@@ -94,6 +91,8 @@ class GGUFCheckpoint:
 
     def read(self, name: str) -> np.ndarray:
         values = self._file.dequantize(self.entries[name].gguf_name)
+        if name in self._plus_one:
+            values = values - np.float32(1)
         heads = self._row_groups.get(name)
         return values if heads is None else _unpermute_rows(values, heads)
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ferrum_jax.models.param_tree import flatten_state, unflatten_into
-from ferrum_jax.models.quantization import SCALE_SUFFIX, input_axes
+from ferrum_jax.models.declare import LAYER_PREFIX, WEIGHT, scale_path
 
 UINT4_PLATFORMS = ("tpu",)
 
@@ -37,10 +37,12 @@ def wants_uint4(platform: str) -> bool:
     return platform in UINT4_PLATFORMS
 
 
-def _grouping(path: str, scale_shape: tuple[int, ...]) -> tuple[int, int]:
-    """(leading axes before the inputs, groups) of a quantized int4 weight at `path`."""
-    lead = 1 if path.startswith("layers.") else 0
-    return lead, scale_shape[lead]
+def _grouping(path: str, shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(leading axes before the inputs, input axes, groups) of a quantized int4 weight at `path`:
+    its scales are `[lead..., groups, 2, out...]`, so the rest of the weight's axes are inputs."""
+    lead = 1 if path.startswith(LAYER_PREFIX) else 0
+    n_out = len(scale_shape) - lead - 2
+    return lead, len(shape) - lead - n_out, scale_shape[lead]
 
 
 def unpack(packed: jax.Array, lead: int, n_in: int, groups: int) -> jax.Array:
@@ -66,11 +68,10 @@ def _convert(flat: dict, src_dtype, fn) -> dict:
     n_in, groups)`, one weight per program so one extra weight at most is alive, its sharding kept."""
     out = dict(flat)
     for path, w in flat.items():
-        scale = flat.get(path + SCALE_SUFFIX)
+        scale = flat.get(scale_path(path)) if path.endswith(WEIGHT) else None
         if scale is None or w.dtype != src_dtype:
             continue
-        lead, groups = _grouping(path, scale.shape)
-        args = (lead, input_axes(path), groups)
+        args = _grouping(path, w.shape, scale.shape)
         if isinstance(w, jax.ShapeDtypeStruct):
             out[path] = jax.eval_shape(lambda a: fn(a, *args), w)
             out[path] = jax.ShapeDtypeStruct(out[path].shape, out[path].dtype, sharding=w.sharding)

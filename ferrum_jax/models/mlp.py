@@ -1,37 +1,27 @@
-"""SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+"""Gated feed-forward: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh-GELU (Gemma's GeGLU)."""
 
 from __future__ import annotations
 
 import jax
 from flax import nnx
 
-from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.params import bias_param
-from ferrum_jax.models.quantization import Quantization, linear_param, project
+from ferrum_jax.models.declare import Declarations
+from ferrum_jax.models.linear import Linear
+from ferrum_jax.models.quantization import Quantization
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 class MLP(nnx.Module):
-    """`[tokens, hidden] -> [tokens, hidden]`; weights `gate/up [hidden, ffn]`, `down [ffn, hidden]`
-    (int8/int4 with `*_scale` beside them when quantized, see quantization)."""
+    """`[tokens, hidden] -> [tokens, hidden]`; `gate/up [hidden, ffn]`, `down [ffn, hidden]` (see linear)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: Quantization | None = None):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.dtype = dtype
-        self.gate, self.gate_scale = linear_param(rngs, (d, f), 1, dtype, quant)
-        self.up, self.up_scale = linear_param(rngs, (d, f), 1, dtype, quant)
-        self.down, self.down_scale = linear_param(rngs, (f, d), 1, dtype, quant)
-        self.gate_bias = bias_param((f,), dtype) if cfg.mlp_bias else None
-        self.up_bias = bias_param((f,), dtype) if cfg.mlp_bias else None
-        self.down_bias = bias_param((d,), dtype) if cfg.mlp_bias else None
+    def __init__(self, decls: Declarations, hidden_act: str, *, dtype, rngs: nnx.Rngs, quant: Quantization | None = None):
+        self.hidden_act = hidden_act
+        self.gate = Linear(decls, "layers.mlp.gate", dtype=dtype, rngs=rngs, quant=quant)
+        self.up = Linear(decls, "layers.mlp.up", dtype=dtype, rngs=rngs, quant=quant)
+        self.down = Linear(decls, "layers.mlp.down", dtype=dtype, rngs=rngs, quant=quant)
 
     def __call__(self, x_td: jax.Array, backend=None) -> jax.Array:
-        """backend: the step's AttentionBackend, which says whether int4 takes the GPU kernel."""
-        gate_tf = project(x_td, self.gate, self.gate_scale, 1, self.dtype, backend=backend, parallel="column")
-        up_tf = project(x_td, self.up, self.up_scale, 1, self.dtype, backend=backend, parallel="column")
-        if self.gate_bias is not None:
-            gate_tf = gate_tf + self.gate_bias[...]
-            up_tf = up_tf + self.up_bias[...]
-        out_td = project(jax.nn.silu(gate_tf) * up_tf, self.down, self.down_scale, 1, self.dtype, backend=backend, parallel="row")
-        if self.down_bias is not None:
-            out_td = out_td + self.down_bias[...]
-        return out_td
+        """backend: the step's AttentionBackend, which says whether grouped codes take a kernel."""
+        act = _ACTIVATIONS[self.hidden_act]
+        return self.down(act(self.gate(x_td, backend)) * self.up(x_td, backend), backend)

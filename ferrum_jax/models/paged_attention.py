@@ -131,6 +131,7 @@ def write_and_attend(
     sm_scale: float,
     sliding_window: int | None,
     backend: AttentionBackend,
+    soft_cap: float | None = None,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -139,7 +140,8 @@ def write_and_attend(
     addresses. Returns (`[tokens, q_heads, head_dim]`, k_pages, v_pages).
 
     k_scale / v_scale `[kv_rows]`: this layer's scales of narrow pages (kv.pages), else None.
-    Pages hold k / k_scale, so q . k = (q * k_scale) . pages; and sum p v = v_scale * sum p pages."""
+    Pages hold k / k_scale, so q . k = (q * k_scale) . pages; and sum p v = v_scale * sum p pages.
+    soft_cap: scores become soft_cap * tanh(scores / soft_cap) before the softmax (Gemma 2)."""
     rest = (meta.slot_mapping, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.num_seqs)
     scales = () if k_scale is None else (k_scale, v_scale)
 
@@ -152,11 +154,11 @@ def write_and_attend(
             q = (q * jnp.repeat(k_scale_k, group)[None, :, None]).astype(q.dtype)
         args = (q, k, v, kv_lens, page_table, cu_q_lens, num_seqs)
         if backend.kind == "xla":
-            out = ragged_paged_attention_xla(*args, sm_scale=sm_scale, sliding_window=sliding_window,
+            out = ragged_paged_attention_xla(*args, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                                              cpu_kernel=backend.cpu_kernel is not None)
         else:
             out = ragged_paged_attention(
-                *args, sm_scale=sm_scale, sliding_window=sliding_window,
+                *args, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                 interpret=backend.kind == "pallas_interpret", platform=backend.platform,
             )
         if scales:

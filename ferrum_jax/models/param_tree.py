@@ -1,4 +1,4 @@
-"""Flat `{"layers.attn.wq": array}` views of the model's NNX state (per-layer parameters stacked).
+"""Flat `{"layers.attn.wq.weight": array}` views of the model's NNX state (per-layer parameters stacked).
 
 Flat dotted paths are what the HF name table targets, what orbax stores (string keys only)
 and what sharding rules match, so one conversion serves all three.
@@ -12,8 +12,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from ferrum_jax.models.causal_lm import CausalLM
+from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.quantization import SCALE_SUFFIX, Quantization, float_shape, input_axes, quantize
+from ferrum_jax.models.declare import Declarations, scale_path
+from ferrum_jax.models.quantization import Quantization, float_shape, quantize
+from ferrum_jax.models.registry import declarations
 from ferrum_jax.models.sharding import named, param_specs
 from ferrum_jax.models.vocab_padding import pad_zeros, padded_vocab
 
@@ -24,7 +27,24 @@ def abstract_model(cfg: ModelConfig, dtype, tp: int = 1, quant: Quantization | N
     memory is touched."""
     rows = padded_vocab(cfg.vocab_size, tp)
     model = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0), vocab_rows=rows, quant=quant))
-    return nnx.split(model)
+    graphdef, state = nnx.split(model)
+    _check_declared(cfg, rows, flatten_state(state), quant)
+    return graphdef, state
+
+
+def _check_declared(cfg: ModelConfig, rows: int, flat: dict[str, jax.ShapeDtypeStruct], quant: Quantization | None) -> None:
+    """The model's parameters are exactly its family's declarations (and the scales quantization
+    adds), at the declared shapes: a module and its family's table cannot drift apart."""
+    decls = declarations(cfg, rows)
+    want = {d.path for d in decls} | ({scale_path(d.path) for d in decls if d.n_in is not None} if quant else set())
+    problems = sorted(set(flat) ^ want)
+    for d in decls:
+        shape = flat[d.path].shape if d.path in flat else None
+        full = (cfg.num_layers, *d.shape) if d.per_layer else d.shape
+        if shape is not None and (quant is None or d.n_in is None) and tuple(shape) != full:
+            problems.append(f"{d.path}: module shape {tuple(shape)}, declared {full}")
+    if problems:
+        raise FerrumError.internal(f"the {cfg.architecture} model's parameters differ from its declarations: {problems}")
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, abstract_state: nnx.State) -> dict[str, NamedSharding]:
@@ -44,7 +64,7 @@ def random_model(cfg: ModelConfig, dtype, seed: int, mesh: Mesh, quant: Quantiza
     def make():
         flat = flatten_state(nnx.split(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))[1])
         if quant is not None:
-            flat = quantize_flat(flat, padded, quant)
+            flat = quantize_flat(declarations(cfg), flat, padded, quant)
         return unflatten_into(abstract, {k: pad_zeros(v, padded[k].shape) for k, v in flat.items()})
 
     return graphdef, jax.jit(make, out_shardings=shardings)()
@@ -78,16 +98,17 @@ def unflatten_into(abstract_state: nnx.State, flat: dict[str, jax.Array]) -> nnx
     return state
 
 
-def quantize_flat(flat: dict[str, jax.Array], padded: dict[str, jax.ShapeDtypeStruct], quant: Quantization) -> dict[str, jax.Array]:
+def quantize_flat(decls: Declarations, flat: dict[str, jax.Array], padded: dict[str, jax.ShapeDtypeStruct], quant: Quantization) -> dict[str, jax.Array]:
     """A float flat state's linear weights quantized (in a program); padded vocabularies are
     padded first, as the quantized layout expects."""
     out = dict(flat)
     for path in flat:
-        if path + SCALE_SUFFIX in padded:
-            n_in = input_axes(path) + path.startswith("layers.")
+        decl = decls.weight_of(path)
+        if decl is not None and decl.path == path and scale_path(path) in padded:
+            n_in = decl.n_in + decl.per_layer
             w = pad_zeros(flat[path], float_shape(padded[path].shape, n_in, padded[path].dtype == jnp.uint8))
-            quantizer = lambda x: quantize(x, input_axes(path), quant)  # noqa: E731
-            out[path], out[path + SCALE_SUFFIX] = jax.vmap(quantizer)(w) if path.startswith("layers.") else quantizer(w)
+            quantizer = lambda x: quantize(x, decl.n_in, quant)  # noqa: E731
+            out[path], out[scale_path(path)] = jax.vmap(quantizer)(w) if decl.per_layer else quantizer(w)
     return out
 
 

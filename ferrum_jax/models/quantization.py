@@ -26,8 +26,9 @@ kernel that reads them and dequantizes in registers or VMEM (grouped_kernels, un
 parallelism too); on CPU XLA's grouped dots read the packed bytes. Tensor parallelism shards
 scales like the axes they follow (scale_sharding).
 
-Quantized: q/k/v/o, gate/up/down and an untied lm_head. The embedding stays float (a gather,
-not a matmul), and with it a tied lm_head.
+Quantized: every linear layer (models.linear; the families declare which parameters are linear
+weights, models.declare), an untied lm_head included. The embedding stays float (a gather, not
+a matmul), and with it a tied lm_head.
 """
 
 from __future__ import annotations
@@ -47,13 +48,6 @@ DEFAULT_GROUP_SIZE = 128
 # Rows a grouped dot is padded to where XLA writes the converted codes out below it: over
 # `uint4` weights (TPU) and over grouped int8 on TPU and GPU (`project`).
 GROUPED_MIN_ROWS = 8
-
-# Quantized parameters -> how many leading axes of a layer's weight are inputs.
-LINEAR_INPUT_AXES = {
-    "attn.wq": 1, "attn.wk": 1, "attn.wv": 1, "attn.wo": 2,
-    "mlp.gate": 1, "mlp.up": 1, "mlp.down": 1, "lm_head": 1,
-}  # fmt: skip
-SCALE_SUFFIX = "_scale"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +88,6 @@ class Quantization:
                     f"{self.method} groups need a divisor of the input axis {rows}; group_size {self.group_size} has none"
                 )
         return g
-
-
-def input_axes(path: str) -> int | None:
-    """Leading input axes of a quantizable parameter path (None: not quantized)."""
-    return LINEAR_INPUT_AXES.get(path.removeprefix("layers."))
 
 
 def stored_shape(shape: tuple[int, ...], n_in: int, q: Quantization) -> tuple[int, ...]:
@@ -167,15 +156,6 @@ def _steps_offsets(ints: jax.Array, scale: jax.Array, dtype) -> tuple[jax.Array,
     if ints.dtype == jnp.int8:
         return scale.reshape(groups, -1).astype(dtype), None
     return scale[:, 0].reshape(groups, -1).astype(dtype), scale[:, 1].reshape(groups, -1).astype(dtype)
-
-
-def linear_param(rngs: nnx.Rngs, shape: tuple[int, ...], n_in: int, dtype, quant: Quantization | None):
-    """(weight Param, scale Param or None): a scaled-normal weight, quantized when asked."""
-    w = jax.random.normal(rngs.params(), shape, jnp.float32) / math.prod(shape[:n_in]) ** 0.5
-    if quant is None:
-        return nnx.Param(w.astype(dtype)), None
-    ints, scale = quantize(w, n_in, quant)
-    return nnx.Param(ints), nnx.Param(scale)
 
 
 def project(

@@ -1,5 +1,6 @@
 """Megatron-style tensor parallelism as shardings over a `("data", "model")` Mesh.
 
+The families declare each parameter's logical axes (models.declare); here they meet the mesh.
 Column-parallel q/k/v/gate/up (their output axis on "model"), row-parallel o/down (their
 input axis on "model", so XLA adds one all-reduce after attention and one after the MLP),
 embedding and lm_head split over the vocabulary (padded to a multiple of the TP size when it
@@ -15,15 +16,14 @@ replicas.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.quantization import SCALE_SUFFIX, input_axes
+from ferrum_jax.models.declare import LAYER_PREFIX, SCALE
+from ferrum_jax.models.registry import declarations
 from ferrum_jax.models.scale_sharding import scale_spec
 
 MESH_AXES = ("data", "model")
@@ -61,39 +61,30 @@ def check_divisible(cfg: ModelConfig, tp: int) -> None:
 
 
 def param_specs(cfg: ModelConfig, tp: int, params: dict) -> dict[str, P]:
-    """PartitionSpec of every flat parameter path (see param_tree) -> array or ShapeDtypeStruct.
-    A quantized weight's `_scale` follows its weight (scale_sharding.scale_spec)."""
+    """PartitionSpec of every flat parameter path (see param_tree) -> array or ShapeDtypeStruct,
+    from the declared logical axes (models.declare). A quantized weight's `scale` follows its
+    weight (scale_sharding.scale_spec)."""
     check_divisible(cfg, tp)
-    kv = "model" if kv_heads_sharded(cfg, tp) else None
-    rules = [
-        (r"embed", P("model", None)),
-        (r"lm_head", P(None, "model")),
-        (r".*\.attn\.wq", P(None, "model", None)),
-        (r".*\.attn\.(wk|wv)", P(None, kv, None)),
-        (r".*\.attn\.bq", P("model", None)),
-        (r".*\.attn\.(bk|bv)", P(kv, None)),
-        (r".*\.attn\.wo", P("model", None, None)),
-        (r".*\.mlp\.(gate|up)", P(None, "model")),
-        (r".*\.mlp\.(gate_bias|up_bias)", P("model")),
-        (r".*\.mlp\.down", P("model", None)),
-        (r".*(norm\.weight|\.attn\.bo|\.mlp\.down_bias)", P()),
-    ]
+    decls = declarations(cfg)
+    mesh_axes = {"vocab": "model", "heads": "model", "kv_heads": "model" if kv_heads_sharded(cfg, tp) else None, "ffn": "model", None: None}
+
     def layer_spec(path: str) -> P:
-        if path.endswith(SCALE_SUFFIX):
-            weight = path.removesuffix(SCALE_SUFFIX)
-            n_in = input_axes(weight)
-            stacked = path.startswith("layers.")
-            n_out = len(params[weight].shape) - n_in - stacked
+        if path.endswith(SCALE):
+            weight = decls.weight_of(path)
+            stacked = weight.per_layer
+            n_out = len(weight.shape) - weight.n_in
             # int8 per channel `[out...]`, grouped int8 `[groups, out...]`, int4 `[groups, 2, out...]`.
             inner = len(params[path].shape) - stacked - n_out - 1
             groups = params[path].shape[stacked] if inner >= 0 else None
-            return scale_spec(layer_spec(weight), n_in, groups, tp, inner)
-        for pattern, spec in rules:
-            if re.fullmatch(pattern, path):
-                return spec
-        raise FerrumError.internal(f"no sharding rule for parameter {path}")
+            return scale_spec(layer_spec(weight.path), weight.n_in, groups, tp, inner)
+        decl = decls.get(path)
+        if decl is None:
+            raise FerrumError.internal(f"parameter {path} is not declared by the {cfg.architecture} family")
+        axes = [mesh_axes[a] for a in decl.axes]
+        # Replicated parameters get P(), the spec the other layouts compare equal to.
+        return P(*axes) if any(axes) else P()
 
-    return {path: P(None, *layer_spec(path)) if path.startswith("layers.") else layer_spec(path) for path in params}
+    return {path: P(None, *layer_spec(path)) if path.startswith(LAYER_PREFIX) else layer_spec(path) for path in params}
 
 
 def kv_rows(cfg: ModelConfig, tp: int) -> int:

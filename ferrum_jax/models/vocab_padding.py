@@ -15,30 +15,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# The vocabulary axis of each vocabulary-sized parameter (flat paths, see param_tree); a
-# quantized lm_head's scales, `[vocab]` or `[groups, vocab]`, end with it too.
-VOCAB_AXIS = {"embed": 0, "lm_head": -1, "lm_head_scale": -1}
+from ferrum_jax.models.declare import Declarations
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
-def unpadded_shape(path: str, shape: tuple[int, ...], vocab_size: int) -> tuple[int, ...]:
-    """`shape` of parameter `path` with its vocabulary axis (if any) at the real vocabulary."""
-    if path not in VOCAB_AXIS:
+def unpadded_shape(decls: Declarations, path: str, shape: tuple[int, ...], vocab_size: int) -> tuple[int, ...]:
+    """`shape` of parameter `path` with its declared vocabulary axis (if any) at the real
+    vocabulary; a quantized weight's scales end with its output axes, so they follow it."""
+    axis = decls.vocab_axis(path)
+    if axis is None:
         return tuple(shape)
     out = list(shape)
-    out[VOCAB_AXIS[path]] = vocab_size
+    out[axis] = vocab_size
     return tuple(out)
 
 
-def unpad(flat: dict[str, jax.Array], vocab_size: int) -> dict[str, jax.Array]:
+def unpad(decls: Declarations, flat: dict[str, jax.Array], vocab_size: int) -> dict[str, jax.Array]:
     """The parameters with the padding rows cut off (what a checkpoint stores)."""
-    return {
-        k: jax.lax.slice_in_dim(v, 0, vocab_size, axis=VOCAB_AXIS[k] % v.ndim) if k in VOCAB_AXIS else v
-        for k, v in flat.items()
-    }
+    out = {}
+    for k, v in flat.items():
+        axis = decls.vocab_axis(k)
+        out[k] = v if axis is None else jax.lax.slice_in_dim(v, 0, vocab_size, axis=axis % v.ndim)
+    return out
 
 
 def pad_zeros(value: jax.Array, shape: tuple[int, ...]) -> jax.Array:
