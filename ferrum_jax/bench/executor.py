@@ -3,12 +3,14 @@
     python -m ferrum_jax.bench            # ~125M Llama (768 hidden, 12 layers, GQA 12q/4kv)
     python -m ferrum_jax.bench --quick    # small config, for a smoke run
     python -m ferrum_jax.bench --default-model   # SmolLM2-135M-Instruct (the GGUF), both sides
+    python -m ferrum_jax.bench --model gemma3-270m   # a packaged model or GGUF file, both sides
 
 A random-init Llama is built with transformers (seeded), written with
 `save_pretrained`, and loaded by `JaxModelExecutor.from_pretrained`; the torch model
 that wrote the files is the HF side of every comparison. With `--default-model` both
 sides load the default model's GGUF file instead (transformers through its GGUF loader),
-dequantized to float32.
+dequantized to float32; with `--model` another GGUF file, or a packaged model by name
+(`ferrum_jax.packaged_models`: gemma3-270m).
 
 Method (all timings: wall clock, median over `--repeats` runs, after warmup runs of
 the identical shapes, so JAX compilation is excluded):
@@ -45,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import numpy as np
@@ -248,6 +251,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ferrum_jax.bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small model and shapes (smoke run)")
     p.add_argument("--default-model", action="store_true", help="SmolLM2-135M-Instruct (GGUF) instead of a random Llama")
+    p.add_argument("--model", help="a packaged model's name (gemma3-270m) or a GGUF file, instead of a random Llama")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
     p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per decode measurement")
     p.add_argument("--prefill-len", type=int, default=None, help="single-prompt prefill length")
@@ -287,8 +291,11 @@ async def run(args) -> None:
         sys.exit(f"--max-seq {max_seq} is below the {needed} tokens the measurements need")
     rng = np.random.default_rng(SEED)
 
-    if args.default_model:
-        path = fj.default_model_path()
+    if args.default_model or args.model:
+        from ferrum_jax.packaged_models import PACKAGED
+
+        name = args.model or "smollm2-135m"
+        path = PACKAGED[name]() if name in PACKAGED else Path(name)
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
         vocab, source = model.config.vocab_size, path
     else:

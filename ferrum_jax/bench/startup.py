@@ -2,6 +2,7 @@
 
     python -m ferrum_jax.bench startup                # load (vs transformers) + server cold/warm
     python -m ferrum_jax.bench startup --make-serve   # also `make serve` in a fresh clone, install included
+    python -m ferrum_jax.bench startup --model gemma3-270m   # a packaged model (ferrum_jax.packaged_models)
 
 Every figure is a whole fresh process timed from its launch, so imports count:
 
@@ -32,11 +33,13 @@ from ferrum_jax.bench.server_process import REPO, Server, free_port
 
 _FERRUM_LOAD = (
     "import time; t0 = time.perf_counter(); import ferrum_jax as fj; t1 = time.perf_counter(); "
-    "fj.JaxModelExecutor.from_pretrained(fj.default_model_path(), dtype='float32', progress=False); "
+    "from ferrum_jax.packaged_models import PACKAGED; "
+    "fj.JaxModelExecutor.from_pretrained(PACKAGED[{model!r}](), dtype='float32', progress=False); "
     "print(t1 - t0, time.perf_counter() - t0)"
 )
 _HF_LOAD = (
-    "import time; t0 = time.perf_counter(); import torch, transformers, ferrum_jax as fj; p = fj.default_model_path(); "
+    "import time; t0 = time.perf_counter(); import torch, transformers; "
+    "from ferrum_jax.packaged_models import PACKAGED; p = PACKAGED[{model!r}](); "
     "transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32); "
     "print(0.0, time.perf_counter() - t0)"
 )
@@ -63,16 +66,17 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--make-serve", action="store_true", help="also time `make serve` in a fresh clone")
     p.add_argument("--timeout", type=float, default=3600, help="seconds a server may take to become healthy")
+    p.add_argument("--model", default="smollm2-135m", help="a packaged model (ferrum_jax.packaged_models)")
     args = p.parse_args(argv)
     # The server's own cache setting (FERRUM_JAX_CACHE_DIR) decides where programs go; a
     # JAX_COMPILATION_CACHE_DIR from the environment would override it.
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"JAX_PLATFORMS": "cpu"}
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start", flush=True)
 
-    ferrum = [_timed_python(_FERRUM_LOAD, env) for _ in range(args.repeats)]
-    hf = [_timed_python(_HF_LOAD, env) for _ in range(args.repeats)]
+    ferrum = [_timed_python(_FERRUM_LOAD.format(model=args.model), env) for _ in range(args.repeats)]
+    hf = [_timed_python(_HF_LOAD.format(model=args.model), env) for _ in range(args.repeats)]
     med = lambda xs: statistics.median(xs)  # noqa: E731
-    print("\n| default model load (float32, fresh process) | seconds (median) | runs |")
+    print(f"\n| {args.model} load (float32, fresh process) | seconds (median) | runs |")
     print("|---|---:|---|")
     print(f"| ferrum_jax: import | {med([a for a, _ in ferrum]):.1f} | {', '.join(f'{a:.1f}' for a, _ in ferrum)} |")
     print(f"| ferrum_jax: import + from_pretrained(GGUF) | {med([b for _, b in ferrum]):.1f} | {', '.join(f'{b:.1f}' for _, b in ferrum)} |")
@@ -83,7 +87,7 @@ def main(argv=None) -> None:
     rows = []
     for label in ("cold (empty compile cache)", "warm (restart, same cache)"):
         port = free_port()
-        cmd = [sys.executable, "-m", "ferrum_jax.serve", "--port", str(port)]
+        cmd = [sys.executable, "-m", "ferrum_jax.serve", "--port", str(port), "--model", args.model]
         rows.append((f"`python -m ferrum_jax.serve`, {label}", time_to_healthy(cmd, port, server_env, REPO, args.timeout)))
         print(f"{rows[-1][0]}: {rows[-1][1]:.1f} s", flush=True)
     if args.make_serve:
@@ -93,7 +97,7 @@ def main(argv=None) -> None:
         port = free_port()
         fresh_env = {k: v for k, v in env.items() if k != "VIRTUAL_ENV"}
         fresh_env["FERRUM_JAX_CACHE_DIR"] = str(fresh_cache)
-        cmd = ["make", "serve", f"ARGS=--port {port}"]
+        cmd = ["make", "serve", f"ARGS=--port {port} --model {args.model}"]
         rows.append(("`make serve` in a fresh clone (venv + install + cold compile)", time_to_healthy(cmd, port, fresh_env, clone, args.timeout)))
         print(f"{rows[-1][0]}: {rows[-1][1]:.1f} s", flush=True)
         shutil.rmtree(clone.parent, ignore_errors=True)

@@ -4,7 +4,9 @@ A model is named the same way wherever one is asked for (`--model`, `--speculati
 
     DIR                 a HF checkpoint (config.json + safetensors) or a ferrum orbax checkpoint
     FILE.gguf           a GGUF checkpoint (or a DIR holding one .gguf), with its own tokenizer
-    NAME                a model preset, `configs/NAME.yaml`, when no directory NAME exists
+    NAME                a packaged real model (`ferrum_jax.packaged_models`: smollm2-135m,
+                        gemma3-270m), or a model preset, `configs/NAME.yaml`, when no
+                        directory NAME exists
     preset:NAME[:SEED]  the preset, with SEED replacing its weight seed: a test can pair a
                         target with a draft of the same shape but different random weights
 
@@ -29,6 +31,7 @@ import yaml
 
 from ferrum_jax.default_model import default_model_path
 from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.packaged_models import PACKAGED
 from ferrum_jax.serve.settings import ServeSettings
 
 _PRESET_PREFIX = "preset:"
@@ -58,6 +61,8 @@ class ModelSource:
                 return cls.named_preset(name, int(seed) if seed else None)
             except ValueError:
                 raise FerrumError.invalid_config(f"{text!r}: the seed after {_PRESET_PREFIX}{name}: must be an integer") from None
+        if text in PACKAGED:
+            return cls(path=PACKAGED[text]())
         if text in model_presets():
             return cls(preset=text)
         return cls(path=Path(text))  # from_pretrained says what is missing there
