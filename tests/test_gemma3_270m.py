@@ -38,6 +38,25 @@ TEXTS = [
     "mixed\r\nline endings\r and a trailing space ",
 ]
 TEXT = Path(__file__).parent / "data" / "perplexity_text.txt"
+# The chat template Gemma 3's instruction-tuned checkpoints ship (this base model's file carries
+# none): a system prompt folds into the first user turn, the assistant's role is `model`.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why is the sky blue?"},
+     {"role": "assistant", "content": "Rayleigh scattering."}, {"role": "user", "content": " And sunsets? "}],
+]  # fmt: skip
 LIMITS = dict(dtype="float32", max_batch_size=4, max_sequence_length=256, max_num_batched_tokens=256, progress=False)
 
 
@@ -63,6 +82,20 @@ def test_tokenizer_matches_transformers(hf, ours):
         assert ours[1].encode(text) == hf[0](text).input_ids, text
     ids = hf[0](TEXTS[4]).input_ids
     assert ours[1].decode(ids, skip_special_tokens=True) == hf[0].decode(ids, skip_special_tokens=True)
+
+
+def test_gemma_chat_template_and_end_of_turn(path, hf):
+    """The Gemma chat template renders and tokenizes as transformers does; `<end_of_turn>` ends
+    generation (as llama.cpp and Gemma 3's generation config have it: eos 1 and 106)."""
+    tok = load_tokenizer(path, chat_template=GEMMA3_TEMPLATE)
+    for chat in CHATS:
+        text = tok.apply_chat_template(chat)
+        assert text == hf[0].apply_chat_template(chat, tokenize=False, add_generation_prompt=True, chat_template=GEMMA3_TEMPLATE)
+        assert text.startswith("<bos><start_of_turn>user\n") and text.endswith("<start_of_turn>model\n")
+        assert tok.encode(text, add_special_tokens=False) == hf[0](text, add_special_tokens=False).input_ids
+    with pytest.raises(fj.FerrumError, match="alternate"):
+        tok.apply_chat_template([{"role": "assistant", "content": "hi"}])
+    assert set(tok.eos_token_ids) == {1, 106} and tok.decode([106], skip_special_tokens=False) == "<end_of_turn>"
 
 
 def test_prefill_logits_match_transformers(hf, ours):

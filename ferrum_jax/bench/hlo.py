@@ -1,4 +1,4 @@
-"""The compiled batch-1 decode step of the default model, for `../shared/perf/hlo_bytes.py`.
+"""The compiled batch-1 decode step of the default model (or `--model`), for `../shared/perf/hlo_bytes.py`.
 
     python -m ferrum_jax.bench hlo --max-seq 512 --out step.hlo
     python ../shared/perf/hlo_bytes.py step.hlo
@@ -21,13 +21,16 @@ def main(argv=None) -> None:
     p.add_argument("--max-seq", type=int, default=512, help="executor max_sequence_length")
     p.add_argument("--out", default="step.hlo", help="where the HLO text goes")
     p.add_argument("--quantization", choices=["int8", "int4"], help="quantized weights (default float32)")
+    p.add_argument("--model", default="smollm2-135m", help="a packaged model (ferrum_jax.packaged_models) or a checkpoint path")
     args = p.parse_args(argv)
 
     import ferrum_jax as fj
     from ferrum_jax.batch.ragged import SequenceChunk, build_ragged_batch
 
+    from ferrum_jax.packaged_models import PACKAGED
+
     ex = fj.JaxModelExecutor.from_pretrained(
-        fj.default_model_path(), dtype="float32", max_batch_size=8, max_sequence_length=args.max_seq, progress=False,
+        PACKAGED[args.model]() if args.model in PACKAGED else args.model, dtype="float32", max_batch_size=8, max_sequence_length=args.max_seq, progress=False,
         quantization=args.quantization,
     )
     prompt = asyncio.run(ex.prefill(fj.PrefillInput(input_ids=np.arange(1, 41, dtype=np.int32)[None])))

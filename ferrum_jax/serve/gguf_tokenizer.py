@@ -17,7 +17,9 @@ tokenizer.json. Two vocabulary kinds (`tokenizer.ggml.model`):
 
 Tokens typed CONTROL (3) become special added tokens (matched whole, dropped by
 `skip_special_tokens`), USER_DEFINED (4) plain added tokens; the eos ids are the file's eos,
-eot and eom tokens, every token llama.cpp ends generation on.
+eot and eom tokens, and without an eot a control token spelled as a known end of turn
+(`<end_of_turn>`, `<|eot_id|>`, `<|im_end|>`, `<|end|>`): every token llama.cpp ends
+generation on.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ferrum_jax.serve.tokenizer import HFTokenizer, bos_eos_processor
 log = logging.getLogger(__name__)
 
 _CONTROL, _USER_DEFINED = 3, 4
+_END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -88,7 +91,11 @@ def gguf_tokenizer(path: str | Path, chat_template: str | None = None) -> HFToke
         backend.post_processor = bos_eos_processor(backend, special_tokens, add_bos, add_eos)
 
     eos_ids = [f.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    return HFTokenizer(backend, special_tokens, [i for i in eos_ids if i is not None], _templates(f, chat_template))
+    if eos_ids[1] is None:
+        # As llama.cpp does: a control token spelled as a known end of turn ends generation too
+        # (Gemma's `<end_of_turn>`, which its GGUF files do not name as eot).
+        eos_ids += [i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == _CONTROL and t in _END_OF_TURN]
+    return HFTokenizer(backend, special_tokens, list(dict.fromkeys(i for i in eos_ids if i is not None)), _templates(f, chat_template))
 
 
 def _templates(f: GGUFFile, override: str | None) -> dict[str, str]:
