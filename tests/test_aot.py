@@ -216,3 +216,32 @@ for write in (heads_in_window, write_kv):
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     counts = dict(line.split() for line in out.stdout.splitlines() if line.startswith(("heads_in_window", "write_kv")))
     assert int(counts["heads_in_window"]) > 0 and int(counts["write_kv"]) == 0, out.stdout + out.stderr
+
+
+GEMMA3_27B = str(REPO / "configs" / "models" / "gemma-3-27b")
+
+
+@needs_tpu
+def test_gemma3_27b_tp4_loops_over_its_block_of_six_layers(tmp_path):
+    """Gemma-3-27B (62 layers, 5 local : 1 global) on a v6e-4 at TP 4: two layer loops (ten
+    blocks of six layers, then two local layers), so one attention kernel per layer of a loop
+    body: seven in the program, not one per run of equal layers (21 loops); weights 27.0e9 bf16
+    parameters split four ways."""
+    code, report, hlo = aot(tmp_path, "--target", "tpu-v6e-4", "--model", GEMMA3_27B, "--tensor-parallel-size", "4", *SMALL,
+                            "--num-pages", "2048")  # fmt: skip
+    assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
+    for name, text in hlo.items():
+        assert len(re.findall(r" while\(", text)) == 2, name
+        assert text.count(KERNEL_CALL["tpu"]) == 7, name
+    assert 27.0e9 * 2 / 4 < report["weight_bytes_per_device"] < 27.1e9 * 2 / 4
+
+
+@needs_cuda
+def test_gemma3_270m_on_gpu_runs_the_triton_kernel_at_head_dim_256(tmp_path):
+    """The packaged Gemma 3 270M (head_dim 256, one KV head, windows of 512) compiles for an
+    H100: one loop over its 6-layer block, six Triton attention kernels in the body."""
+    code, report, hlo = aot(tmp_path, "--target", "gpu-h100", "--model", "gemma3-270m", *SMALL)
+    assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
+    for name, text in hlo.items():
+        assert len(re.findall(r" while\(", text)) == 1, name
+        assert text.count(KERNEL_CALL["gpu"]) == 6, name

@@ -44,14 +44,16 @@ from ferrum_jax.serve.settings import ServeSettings, parse_settings
 
 
 def model_config(s: ServeSettings) -> ModelConfig:
-    if s.preset is not None:
+    """The config of the model the server would load (a path, a packaged model's name, a preset)."""
+    from ferrum_jax.executor.loading import hf_config_of
+    from ferrum_jax.serve.loading import model_source
+
+    source = model_source(s)
+    if source.is_preset:
         from ferrum_jax.executor.presets import load_preset
 
-        return load_preset(s.preset).model
-    from ferrum_jax.default_model import default_model_path
-    from ferrum_jax.executor.loading import hf_config_of
-
-    return registry.model_config(hf_config_of(Path(s.model) if s.model else default_model_path()))
+        return load_preset(source.preset).model
+    return registry.model_config(hf_config_of(source.path))
 
 
 def resolve_limits(s: ServeSettings, target: Target) -> Limits:
