@@ -18,6 +18,7 @@ import ferrum_jax as fj
 from ferrum_jax.models.quantization import Quantization
 from ferrum_jax.packaged_models import gemma3_270m_path
 from ferrum_jax.serve.tokenizer import load_tokenizer
+from real_model_parity import batch_greedy, transformers_gguf
 from serve_fixtures import LiveServer
 
 STEPS = 24
@@ -67,9 +68,7 @@ def path() -> Path:
 
 @pytest.fixture(scope="module")
 def hf(path):
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return tok, model.eval()
+    return transformers_gguf(path)
 
 
 @pytest.fixture(scope="module")
@@ -119,22 +118,7 @@ def test_greedy_continuations_match_transformers(hf, ours):
     prompts = [tok.encode(p) for p in PROMPTS]
     expected = [hf_greedy(hf[1], ids) for ids in prompts]
 
-    async def greedy() -> list[list[int]]:
-        outs = await ex.batch_prefill([fj.PrefillInput(input_ids=np.array([p], np.int32)) for p in prompts])
-        caches = [o.kv_cache for o in outs]
-        seqs = [[int(np.argmax(np.asarray(o.last_token_logits())[0]))] for o in outs]
-        for _ in range(STEPS - 1):
-            ds = await ex.batch_decode(
-                [fj.DecodeInput(input_ids=np.array([[s[-1]]], np.int32), kv_cache=c) for s, c in zip(seqs, caches)]
-            )
-            caches = [d.kv_cache for d in ds]
-            for d, s in zip(ds, seqs):
-                s.append(int(np.argmax(np.asarray(d.logits)[0])))
-        for c in caches:
-            ex.release_cache(c.cache_id)
-        return seqs
-
-    assert asyncio.run(greedy()) == expected
+    assert asyncio.run(batch_greedy(ex, prompts, STEPS)) == expected
     assert tok.decode(expected[0]).startswith(" the capital of the country of France.")
 
 
