@@ -189,3 +189,27 @@ def test_unknown_architecture_lists_the_supported_ones():
     with pytest.raises(fj.FerrumError, match="Gemma3ForCausalLM") as err:
         model_config({"architectures": ["FalconForCausalLM"]})
     assert "'FalconForCausalLM' is not supported" in str(err.value)
+
+
+def test_gemma3_image_text_checkpoint_serves_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (text config nested, the text model under
+    `model.language_model.`, a vision tower beside it): its text model loads, the vision tensors
+    are skipped, and text-only logits equal transformers' for the whole model."""
+    text = _gemma3(6, 3)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=28, patch_size=14)  # fmt: skip
+    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(pname))))
+    model.save_pretrained(tmp_path / "mm", safe_serialization=True)
+    ids = prompt()
+    want = hf_logits(model, ids)
+    ex = fj.JaxModelExecutor.from_pretrained(tmp_path / "mm", **LIMITS)
+    assert ex.cfg.architecture == "gemma3" and ex.cfg.vocab_size == want.shape[-1]
+    assert_close(np.asarray(asyncio.run(ex.prefill(fj.PrefillInput(input_ids=ids))).logits)[0], want)
