@@ -2,7 +2,7 @@
 
 `write_gguf(model, path, tensor_type, vocab)` takes a random tiny HF model (transformers, torch)
 and writes its config as `{arch}.*` metadata, its tensors under llama.cpp names (q/k rows
-permuted for `llama`, as llama.cpp's converter does), 2-D tensors in `tensor_type` and 1-D ones
+permuted for `llama`, Gemma's norm weights stored as w + 1, as llama.cpp's converter does), 2-D tensors in `tensor_type` and 1-D ones
 (norms, biases) in F32, and a tokenizer (`Vocab`). The oracle for what such a file means is
 transformers' own GGUF loader reading the same file, never this writer.
 
@@ -46,7 +46,7 @@ class Vocab:
 
 
 def _arch(config) -> str:
-    return {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[config.model_type]
+    return {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}[config.model_type]
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -62,7 +62,12 @@ _NAMES = {
 }  # fmt: skip
 
 
-def gguf_name(hf: str) -> str:
+# Gemma's four norms, as llama.cpp's converter names them (Llama's post-attention norm is its ffn_norm).
+_GEMMA_NAMES = {**_NAMES, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}  # fmt: skip
+
+
+def gguf_name(hf: str, arch: str = "llama") -> str:
     if hf == "model.embed_tokens.weight":
         return "token_embd.weight"
     if hf == "model.norm.weight":
@@ -71,7 +76,7 @@ def gguf_name(hf: str) -> str:
         return "output.weight"
     _, _, layer, rest = hf.split(".", 3)
     module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_NAMES[module]}.{kind}"
+    return f"blk.{layer}.{(_GEMMA_NAMES if arch.startswith('gemma') else _NAMES)[module]}.{kind}"
 
 
 def _encode(w: np.ndarray, tensor_type: str, rng: np.random.Generator) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
@@ -129,6 +134,10 @@ def write_gguf(
             getattr(w, f"add_{name}_token_id")(value)
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)
+    if arch == "gemma2":
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
 
     rng = np.random.default_rng(seed)
     state = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
@@ -139,9 +148,12 @@ def write_gguf(
             value = _permute(value, cfg.num_attention_heads)
         elif arch == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
             value = _permute(value, cfg.num_key_value_heads)
-        kind = next((t for suffix, t in (mixed or {}).items() if gguf_name(hf).endswith(suffix)), tensor_type)
+        elif arch.startswith("gemma") and hf.endswith("norm.weight"):
+            value = value + 1  # llama.cpp's RMSNorm multiplies by w; Gemma's by 1 + w
+        name = gguf_name(hf, arch)
+        kind = next((t for suffix, t in (mixed or {}).items() if name.endswith(suffix)), tensor_type)
         data, qtype = _encode(value, kind, rng) if value.ndim == 2 else (value, gguf.GGMLQuantizationType.F32)
-        w.add_tensor(gguf_name(hf), data, raw_dtype=qtype)
+        w.add_tensor(name, data, raw_dtype=qtype)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()

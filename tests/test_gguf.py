@@ -95,7 +95,8 @@ def byte_level_vocab() -> Vocab:
 
 def hf_model(kind: str, **overrides) -> transformers.PreTrainedModel:
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}  # fmt: skip
+                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                  "gemma2": transformers.Gemma2Config}  # fmt: skip
     config = config_cls[kind](**{**SHAPE, "tie_word_embeddings": kind not in ("llama", "mistral"), **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(7)
@@ -229,6 +230,30 @@ QWEN3_HEADS = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=128)
 def test_qwen_gguf_matches_transformers(kind, tensor_type, tmp_path):
     model = hf_model(kind, **(QWEN3_HEADS if kind == "qwen3" else {}))
     path = write_gguf(model, tmp_path / f"{kind}.gguf", tensor_type, byte_level_vocab())
+    assert_close(ferrum_logits(path, TOKENS), transformers_logits(path, TOKENS))
+
+
+def gemma2_model(**caps) -> transformers.PreTrainedModel:
+    """head_dim 256, where llama.cpp's query scale (head_dim ** -0.5, which ferrum takes from such
+    a file) and the query_pre_attn_scalar default of transformers' GGUF loader agree; windows of 8
+    cut into the 21 tokens."""
+    return hf_model("gemma2", head_dim=256, num_attention_heads=2, num_key_value_heads=1, sliding_window=8,
+                    tie_word_embeddings=True, **caps)  # fmt: skip
+
+
+def test_gemma2_f32_gguf_matches_the_hf_model_it_came_from(tmp_path):
+    """Gemma 2 as llama.cpp writes it: norms stored as w + 1, the window and soft-caps in the
+    metadata (small caps here, so they bend the scores). The model the file came from is the
+    oracle: transformers' GGUF loader ignores the soft-cap keys and takes Gemma 2's defaults."""
+    model = gemma2_model(attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    path = write_gguf(model, tmp_path / "gemma2.gguf", "F32", sentencepiece_vocab())
+    with torch.inference_mode():
+        assert_close(ferrum_logits(path, TOKENS), model(torch.tensor([TOKENS])).logits[0].numpy())
+
+
+def test_gemma2_q8_0_gguf_matches_transformers(tmp_path):
+    """Gemma 2's default soft-caps (50, 30), which llama.cpp writes and transformers assumes."""
+    path = write_gguf(gemma2_model(), tmp_path / "gemma2.gguf", "Q8_0", sentencepiece_vocab())
     assert_close(ferrum_logits(path, TOKENS), transformers_logits(path, TOKENS))
 
 
