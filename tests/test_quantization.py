@@ -252,7 +252,7 @@ def test_a_q4_gguf_loads_its_own_blocks_as_int4():
         np.testing.assert_array_equal(down, ckpt.read(f"model.layers.{layer}.mlp.down_proj.weight").T)
         q = numpy_dequantize(flat["layers.attn.wq.weight"][layer], flat["layers.attn.wq.scale"][layer], 1)
         np.testing.assert_array_equal(q.reshape(q.shape[0], -1), ckpt.read(f"model.layers.{layer}.self_attn.q_proj.weight").T)
-        o = numpy_dequantize(flat["layers.attn.wo.weight"][layer], flat["layers.attn.wo.scale"][layer], 2)
+        o = numpy_dequantize(flat["layers.attn.wo.weight"][layer], flat["layers.attn.wo.scale"][layer], 1)
         np.testing.assert_array_equal(o.reshape(-1, o.shape[-1]), ckpt.read(f"model.layers.{layer}.self_attn.o_proj.weight").T)
 
 
@@ -321,10 +321,10 @@ def test_grouped_int8_through_the_pallas_kernel_equals_xla(tp, monkeypatch):
     pallas = fj.JaxModelExecutor.from_config(KERNEL_CFG, seed=5, quantization=quant, attention="pallas", tensor_parallel_size=tp, **limits)
     ids = list(range(7, 40))
     np.testing.assert_allclose(all_logits(pallas, ids), all_logits(xla, ids), atol=2e-4, rtol=1e-4)
-    # Each shard's codes: q, k/v (whole when replicated) and o sliced to `[K, N]`; gate/up and down
-    # as the whole `[layers, K, N]` stack and the layer's index (read in place); the lm_head.
+    # Every decoder layer's codes are read in place, each shard's part of the whole `[layers, K,
+    # N]` stack and the layer's index: q, k/v (whole when replicated), o, gate/up, down; only the
+    # lm_head (no layer axis) is passed as `[K, N]`.
     kv = 256 if tp == 4 else 256 // tp
-    sliced = {(512, 512 // tp), (512, kv)} | ({(512 // tp, 512)} if tp < 4 else set())
-    in_place = {(2, 512, 1024 // tp), (2, 1024 // tp, 512)}
-    assert {shape for shape, n in calls if n == 3} == sliced | {(512, 512 // tp)}, calls
+    in_place = {(2, 512, 512 // tp), (2, 512, kv), (2, 512, 1024 // tp), (2, 1024 // tp, 512)} | ({(2, 512 // tp, 512)} if tp < 4 else set())
+    assert {shape for shape, n in calls if n == 3} == {(512, 512 // tp)}, calls
     assert {shape for shape, n in calls if n == 4} == in_place, calls

@@ -71,9 +71,9 @@ def test_tp_matches_single_device(single, cfg, tp):
     specs = {k: spec(v) for k, v in flatten_state(ex._state).items()}
     assert specs["embed"] == P("model", None)
     # per-layer parameters are stacked on a leading, unsharded layer axis
-    assert specs["layers.attn.wq.weight"] == P(None, None, "model", None)
-    assert specs["layers.attn.wk.weight"] == P(None, None, kv_axis, None)
-    assert specs["layers.attn.wo.weight"] == P(None, "model", None, None)
+    assert specs["layers.attn.wq.weight"] == P(None, None, "model")
+    assert specs["layers.attn.wk.weight"] == P(None, None, kv_axis)
+    assert specs["layers.attn.wo.weight"] == P(None, "model", None)
     assert specs["layers.mlp.gate.weight"] == P(None, None, "model") and specs["layers.mlp.down.weight"] == P(None, "model", None)
     if not cfg.tie_word_embeddings:
         assert specs["lm_head.weight"] == P(None, "model")
@@ -84,7 +84,7 @@ def test_tp_matches_single_device(single, cfg, tp):
     assert replicated == intended
     # every device holds only its shard of a column-parallel weight
     wq = flatten_state(ex._state)["layers.attn.wq.weight"]
-    assert {s.data.shape for s in wq.addressable_shards} == {(cfg.num_layers, 128, 8 // tp, 16)}
+    assert {s.data.shape for s in wq.addressable_shards} == {(cfg.num_layers, 128, 8 // tp * 16)}
 
 
 @pytest.mark.parametrize("cfg, tp", [(KV8, 2), (KV8, 8), (KV2, 8)], ids=["kv8-tp2", "kv8-tp8", "kv2-tp8-replicated"])
@@ -104,7 +104,7 @@ def test_orbax_restores_sharded(tmp_path, single):
     ref, gen = run_greedy(src)
     back = fj.JaxModelExecutor.from_pretrained(tmp_path / "ck", tensor_parallel_size=4, **LIMITS)
     wq = flatten_state(back._state)["layers.attn.wq.weight"]
-    assert spec(wq) == P(None, None, "model", None) and len(wq.addressable_shards) == 4
+    assert spec(wq) == P(None, None, "model") and len(wq.addressable_shards) == 4
     logits, gen_back = run_greedy(back)
     np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
     assert gen_back == gen

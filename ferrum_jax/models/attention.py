@@ -2,9 +2,12 @@
 Gemma 3), RoPE, KV write, ragged paged attention (score scale and soft-cap from the config),
 output projection.
 
-Weights are stored head-structured (`wq [hidden, q_heads, head_dim]`, `wo [q_heads,
-head_dim, hidden]`) so the einsums name their axes and tensor parallelism can shard the
-head axis directly.
+Weights are 2-D with the heads flattened into head_dim (`wq [hidden, q_heads * head_dim]`,
+`wo [q_heads * head_dim, hidden]`, models.families.llama): tensor parallelism splits the flat
+axis at head boundaries, XLA:CPU contracts them as before (the projections always ran as one
+`[K, N]` dot), and on TPU the grouped int4/int8 kernels read each layer's q/k/v/o codes in
+place from the stack, as they read the MLP's (held `[hidden, heads, head_dim]`, each layer was
+sliced and flattened out for the kernel).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ferrum_jax.models.rope import apply_rope
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, decls: Declarations, *, dtype, rngs: nnx.Rngs, quant: Quantization | None = None):
         self.sm_scale, self.soft_cap = cfg.sm_scale, cfg.attn_soft_cap
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.wq = Linear(decls, "layers.attn.wq", dtype=dtype, rngs=rngs, quant=quant)
         self.wk = Linear(decls, "layers.attn.wk", dtype=dtype, rngs=rngs, quant=quant)
         self.wv = Linear(decls, "layers.attn.wv", dtype=dtype, rngs=rngs, quant=quant)
@@ -52,9 +56,10 @@ class Attention(nnx.Module):
         one module instance serves a whole stack of layers; so are `k_scale`/`v_scale`, the
         layer's scales of narrow KV pages (kv.pages)."""
         cos_td, sin_td = rope
-        q_tnh = self.wq(x_td, backend)
-        k_tkh = self.wk(x_td, backend)
-        v_tkh = self.wv(x_td, backend)
+        t, hd = x_td.shape[0], self.head_dim
+        q_tnh = self.wq(x_td, backend).reshape(t, self.num_heads, hd)
+        k_tkh = self.wk(x_td, backend).reshape(t, self.num_kv_heads, hd)
+        v_tkh = self.wv(x_td, backend).reshape(t, self.num_kv_heads, hd)
         if self.q_norm is not None:
             q_tnh, k_tkh = self.q_norm(q_tnh), self.k_norm(k_tkh)
         q_tnh = apply_rope(q_tnh, cos_td, sin_td)
@@ -75,5 +80,4 @@ class Attention(nnx.Module):
         )
         # One contraction over heads * head_dim: contracting (n, h) as two axes made XLA:CPU
         # write a relaid-out copy of wo on every step.
-        t, n, h = attn_tnh.shape
-        return self.wo(attn_tnh.reshape(t, n * h), backend), k_pages, v_pages
+        return self.wo(attn_tnh.reshape(t, self.num_heads * hd), backend), k_pages, v_pages

@@ -44,11 +44,8 @@ class Layout:
 
 
 SAME = Layout("same", lambda s: s, lambda a, s: a)
+# torch Linear [out, in] -> ours [in, out].
 TRANSPOSE = Layout("transpose", lambda s: s[::-1], lambda a, s: a.T)
-# torch Linear [out, in] -> ours [in, heads, head_dim] / [heads, head_dim, out].
-IN_PROJ = Layout("in_proj", lambda s: (s[1] * s[2], s[0]), lambda a, s: a.T.reshape(s))
-OUT_PROJ = Layout("out_proj", lambda s: (s[2], s[0] * s[1]), lambda a, s: a.T.reshape(s))
-HEAD_BIAS = Layout("head_bias", lambda s: (s[0] * s[1],), lambda a, s: a.reshape(s))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from flax import nnx
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.attention import Attention
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.declare import HEAD_BIAS, IN_PROJ, OUT_PROJ, TRANSPOSE, Declarations, ParamDecl, linear, vector
+from ferrum_jax.models.declare import TRANSPOSE, Declarations, ParamDecl, linear, vector
 from ferrum_jax.models.family import Family
 from ferrum_jax.models.hf_rope import rope_from_hf
 from ferrum_jax.models.mlp import MLP
@@ -28,19 +28,22 @@ _GGUF = "blk.{}."
 
 
 def attention_decls(cfg: ModelConfig, bias: bool, o_bias: bool, qk_norm: bool, qk_norm_init: str = "ones") -> list[ParamDecl]:
-    """q/k/v/o (and their biases, q/k norms) under HF's `self_attn` names, shared with Gemma."""
-    d, hq, hk, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    """q/k/v/o (and their biases, q/k norms) under HF's `self_attn` names, shared with Gemma.
+    Heads are flattened with head_dim (`wq [hidden, heads * head_dim]`, HF's order): one 2-D
+    matrix a layer, which a tensor-parallel split of the heads divides evenly."""
+    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     out = [
-        linear("layers.attn.wq", (d, hq, hd), (None, "heads", None), 1, _HF + "self_attn.q_proj.weight", _GGUF + "attn_q.weight", IN_PROJ),
-        linear("layers.attn.wk", (d, hk, hd), (None, "kv_heads", None), 1, _HF + "self_attn.k_proj.weight", _GGUF + "attn_k.weight", IN_PROJ),
-        linear("layers.attn.wv", (d, hk, hd), (None, "kv_heads", None), 1, _HF + "self_attn.v_proj.weight", _GGUF + "attn_v.weight", IN_PROJ),
-        linear("layers.attn.wo", (hq, hd, d), ("heads", None, None), 2, _HF + "self_attn.o_proj.weight", _GGUF + "attn_output.weight", OUT_PROJ),
+        linear("layers.attn.wq", (d, q), (None, "heads"), 1, _HF + "self_attn.q_proj.weight", _GGUF + "attn_q.weight", TRANSPOSE),
+        linear("layers.attn.wk", (d, kv), (None, "kv_heads"), 1, _HF + "self_attn.k_proj.weight", _GGUF + "attn_k.weight", TRANSPOSE),
+        linear("layers.attn.wv", (d, kv), (None, "kv_heads"), 1, _HF + "self_attn.v_proj.weight", _GGUF + "attn_v.weight", TRANSPOSE),
+        linear("layers.attn.wo", (q, d), ("heads", None), 1, _HF + "self_attn.o_proj.weight", _GGUF + "attn_output.weight", TRANSPOSE),
     ]
     if bias:
-        for ours, hf, gguf, heads, axis in (("wq", "q", "attn_q", hq, "heads"), ("wk", "k", "attn_k", hk, "kv_heads"), ("wv", "v", "attn_v", hk, "kv_heads")):
-            out.append(vector(f"layers.attn.{ours}.bias", (heads, hd), (axis, None), _HF + f"self_attn.{hf}_proj.bias", _GGUF + f"{gguf}.bias", "zeros", HEAD_BIAS))
+        for ours, hf, gguf, size, axis in (("wq", "q", "attn_q", q, "heads"), ("wk", "k", "attn_k", kv, "kv_heads"), ("wv", "v", "attn_v", kv, "kv_heads")):
+            out.append(vector(f"layers.attn.{ours}.bias", (size,), (axis,), _HF + f"self_attn.{hf}_proj.bias", _GGUF + f"{gguf}.bias", "zeros"))
     if o_bias:
         out.append(vector("layers.attn.wo.bias", (d,), (None,), _HF + "self_attn.o_proj.bias", _GGUF + "attn_output.bias", "zeros"))
+    hd = cfg.head_dim
     if qk_norm:
         out += [
             vector("layers.attn.q_norm.weight", (hd,), (None,), _HF + "self_attn.q_norm.weight", _GGUF + "attn_q_norm.weight", qk_norm_init),
