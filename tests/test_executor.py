@@ -271,14 +271,6 @@ def programs(w):
     return kinds.count("step"), kinds.count("sampler"), kinds.count("distribution")
 
 
-@pytest.fixture
-def no_persistent_cache():
-    """The persistent cache would turn compiles into cache hits and hide what is counted."""
-    jax.config.update("jax_enable_compilation_cache", False)
-    yield
-    jax.config.update("jax_enable_compilation_cache", True)
-
-
 def test_warmup_compiles_every_bucket_once_and_then_nothing(no_persistent_cache):
     compiles = []
 
