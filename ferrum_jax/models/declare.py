@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Callable, Iterable
 
 import numpy as np
@@ -38,14 +39,13 @@ class Layout:
     """How a HF tensor (torch layout) maps onto ours: the HF shape for our shape, and the array
     conversion HF -> ours. Checkpoint-only: the model never sees HF layouts."""
 
-    name: str
     hf_shape: Callable[[tuple], tuple]
     convert: Callable[[np.ndarray, tuple], np.ndarray]
 
 
-SAME = Layout("same", lambda s: s, lambda a, s: a)
+SAME = Layout(lambda s: s, lambda a, s: a)
 # torch Linear [out, in] -> ours [in, out].
-TRANSPOSE = Layout("transpose", lambda s: s[::-1], lambda a, s: a.T)
+TRANSPOSE = Layout(lambda s: s[::-1], lambda a, s: a.T)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +113,6 @@ class Declarations:
     def __iter__(self):
         return iter(self.by_path.values())
 
-    def __contains__(self, path: str) -> bool:
-        return path in self.by_path
-
     def get(self, path: str) -> ParamDecl | None:
         return self.by_path.get(path)
 
@@ -142,6 +139,11 @@ class Declarations:
         if d is None or "vocab" not in d.axes:
             return None
         return d.axes.index("vocab") - len(d.axes)
+
+
+def name_pattern(template: str) -> re.Pattern:
+    """A checkpoint name template (`{}` for the layer index) as a regex capturing the layer."""
+    return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)"))
 
 
 def scale_path(weight_path: str) -> str:

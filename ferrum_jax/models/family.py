@@ -16,7 +16,7 @@ from ferrum_jax.models.declare import ParamDecl
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """name: the family; architectures / model_types: HF `architectures` entries and
+    """architectures / model_types: HF `architectures` entries and
     `model_type`s it reads, each to the `ModelConfig.architecture` tag it gives (the tag names
     the variant: `qwen2` inside the Llama family); gguf_architectures: GGUF
     `general.architecture` -> tag.
@@ -35,7 +35,6 @@ class Family:
     family does not load (a vision tower beside a text model); None: names are as declared.
     """
 
-    name: str
     architectures: dict[str, str]
     model_types: dict[str, str]
     gguf_architectures: dict[str, str]

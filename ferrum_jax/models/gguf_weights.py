@@ -33,7 +33,7 @@ import re
 
 import numpy as np
 
-from ferrum_jax.models.declare import Declarations
+from ferrum_jax.models.declare import Declarations, name_pattern
 from ferrum_jax.models.gguf_file import GGUFFile
 from ferrum_jax.models.registry import declarations, family, model_config
 
@@ -53,7 +53,7 @@ class _Entry:
 
 def gguf_names(decls: Declarations) -> list[tuple[re.Pattern, str]]:
     """(GGUF name pattern, HF name template) of every parameter declared with a GGUF name."""
-    return [(re.compile(re.escape(d.gguf).replace(r"\{\}", r"(\d+)")), d.hf) for d in decls if d.gguf is not None]
+    return [(name_pattern(d.gguf), d.hf) for d in decls if d.gguf is not None]
 
 
 def hf_name(names: list[tuple[re.Pattern, str]], gguf_name: str) -> str:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.declare import LAYER_PREFIX, SCALE, Declarations, Layout, ParamDecl, scale_path
+from ferrum_jax.models.declare import LAYER_PREFIX, SCALE, Declarations, Layout, ParamDecl, name_pattern, scale_path
 from ferrum_jax.models.quantization import Quantization, float_shape, quantize
 from ferrum_jax.models.registry import declarations, family
 from ferrum_jax.models.vocab_padding import unpadded_shape
@@ -33,7 +33,7 @@ _IGNORED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
 
 def hf_table(decls: Declarations) -> list[tuple[re.Pattern, ParamDecl]]:
     """(HF name pattern, declaration) of every declared parameter; `{}` matches the layer."""
-    return [(re.compile(re.escape(d.hf).replace(r"\{\}", r"(\d+)")), d) for d in decls]
+    return [(name_pattern(d.hf), d) for d in decls]
 
 
 def _target(table, name: str) -> tuple[ParamDecl, int | None] | None:

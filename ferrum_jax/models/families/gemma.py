@@ -179,7 +179,6 @@ def hf_rename(name: str) -> str | None:
 
 
 GEMMA = Family(
-    name="gemma",
     architectures={"Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3"},
     model_types={"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"},
     gguf_architectures={"gemma2": "gemma2", "gemma3": "gemma3"},

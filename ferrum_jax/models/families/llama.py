@@ -178,7 +178,6 @@ def _sliding_windows(d: dict[str, Any], tag: str, num_layers: int) -> tuple[int 
 
 
 LLAMA = Family(
-    name="llama",
     architectures={"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"},
     model_types={"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"},
     gguf_architectures={"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"},
