@@ -21,56 +21,12 @@ import transformers
 import ferrum_jax as fj
 from ferrum_jax.models.layer_loops import layer_loops
 from ferrum_jax.models.registry import declarations, model_config
+import gemma_models
+from gemma_models import COMMON, CONFIGS, build, gemma3, hf_logits
 
 LIMITS = dict(dtype="float32", page_size=8, max_batch_size=2, max_sequence_length=64, max_num_batched_tokens=64)
 PROMPT_LEN = 30
 REL_TOL = 1e-4
-_COMMON = dict(
-    vocab_size=300, hidden_size=64, intermediate_size=96, num_attention_heads=4, head_dim=16,
-    max_position_embeddings=128, rms_norm_eps=1e-6, initializer_range=0.2, sliding_window=8,
-    query_pre_attn_scalar=24, bos_token_id=2, eos_token_id=1, pad_token_id=0,
-)  # fmt: skip
-
-
-def _gemma2():
-    return transformers.Gemma2Config(
-        **_COMMON, num_hidden_layers=4, num_key_value_heads=2, attn_logit_softcapping=5.0, final_logit_softcapping=3.0
-    )
-
-
-def _gemma3(layers: int, pattern: int, kv_heads: int = 1):
-    return transformers.Gemma3TextConfig(
-        **_COMMON, num_hidden_layers=layers, num_key_value_heads=kv_heads,
-        layer_types=["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)],
-        rope_parameters={
-            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
-        },
-    )  # fmt: skip
-
-
-CONFIGS = {
-    "gemma2": _gemma2,
-    # 2 local then 1 global, twice: one loop over a 3-layer block.
-    "gemma3_3x2": lambda: _gemma3(6, 3),
-    # Gemma 3's 5:1 over 7 layers: a 6-layer block once, then one local layer.
-    "gemma3_6x1+1": lambda: _gemma3(7, 6),
-}
-
-
-def build(name: str, root) -> tuple[str, torch.nn.Module]:
-    config = CONFIGS[name]()
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    path = root / name
-    model.save_pretrained(path, safe_serialization=True)
-    return str(path), model
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -79,12 +35,7 @@ def gemma(request, tmp_path_factory):
 
 
 def prompt(n: int = PROMPT_LEN) -> np.ndarray:
-    return np.random.default_rng(n).integers(3, 300, size=(1, n), dtype=np.int32)
-
-
-def hf_logits(model, ids: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model(torch.from_numpy(ids.astype(np.int64))).logits[0].numpy()
+    return gemma_models.prompt(n)
 
 
 def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
@@ -180,7 +131,7 @@ def _gemma3_27b_config() -> dict:
     ],
 )
 def test_unimplemented_gemma_options_are_refused_by_name(patch, message):
-    base = {"architectures": ["Gemma3ForCausalLM"], **_COMMON, "num_hidden_layers": 2, "num_key_value_heads": 1}
+    base = {"architectures": ["Gemma3ForCausalLM"], **COMMON, "num_hidden_layers": 2, "num_key_value_heads": 1}
     with pytest.raises(fj.FerrumError, match=message):
         model_config({**base, **patch})
 
@@ -195,7 +146,7 @@ def test_gemma3_image_text_checkpoint_serves_its_text_model(tmp_path):
     """A Gemma3ForConditionalGeneration checkpoint (text config nested, the text model under
     `model.language_model.`, a vision tower beside it): its text model loads, the vision tensors
     are skipped, and text-only logits equal transformers' for the whole model."""
-    text = _gemma3(6, 3)
+    text = gemma3(6, 3)
     vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                              image_size=28, patch_size=14)  # fmt: skip
     config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,

@@ -63,7 +63,7 @@ def test_scales_map_the_float_models_largest_kv_to_the_types_largest_value(kv):
     narrow = fj.JaxModelExecutor.from_preset("tiny", kv_cache_dtype=kv, **LIMITS)
     h = base.new_kv_cache()
     base.extend([(h, calibration_tokens(base.cfg).tolist())], "last")
-    pages = np.asarray(base._seqs.lookup(h).pages)
+    (pages,) = (np.asarray(t) for t in base._seqs.lookup(h).tables)  # one KV group: slot = layer
     layers = base.cfg.num_layers
     for pool, scale in ((base._kv.k, narrow._kv.k_scale), (base._kv.v, narrow._kv.v_scale)):
         per_layer = np.asarray(pool).reshape(pool.shape[0], layers, -1, *pool.shape[2:])[:, :, pages]

@@ -59,7 +59,7 @@ def check_accounting(ex):
     assert alloc.num_empty + alloc.num_evictable + alloc.num_used == alloc.total
     held = {}
     for seq in ex._seqs._seqs.values():
-        for p in seq.pages:
+        for p in (p for table in seq.tables for p in table if p):
             held[p] = held.get(p, 0) + 1
     assert held == {p: alloc.refcount(p) for p in held} and len(held) == alloc.num_used
 
@@ -70,12 +70,12 @@ def test_cached_prefix_gives_the_logits_of_a_full_computation(sharded):
     a = ex.new_kv_cache()
     ex.extend([(a, prompt)], "last")  # 5 full pages named
     match = ex.match_prefix(prompt + question)
-    assert match.num_tokens == 40 and match.pages == a.page_ids[:5] and match.num_evictable == 0
+    assert match.num_tokens == 40 and match.pages == (a.page_tables[0][:5],) and match.num_evictable == 0
     # The last token is always left to compute, so a prompt ending on a page boundary keeps its last page.
     assert ex.match_prefix(prompt[:40]).num_tokens == 32
     assert ex.match_prefix(prompt + question, cache_salt="other tenant").num_tokens == 0
     b = ex.new_kv_cache(prefix=match)
-    assert b.num_tokens == 40 and b.page_ids == a.page_ids[:5]
+    assert b.num_tokens == 40 and b.page_tables[0] == a.page_tables[0][:5]
     (got,) = ex.extend([(b, prompt[40:] + question)], "all")
     np.testing.assert_allclose(got, fresh_logits(ex, prompt + question)[40:], rtol=1e-5, atol=1e-5)
     check_accounting(ex)
@@ -91,9 +91,11 @@ def test_truncating_into_a_shared_page_copies_it(sharded):
     a = ex.new_kv_cache()
     ex.extend([(a, prompt)], "last")
     b = ex.new_kv_cache(prefix=ex.match_prefix(prompt))
-    assert b.page_ids == a.page_ids[:4]
+    ((b_pages,), (a_pages,)) = (b.page_tables, a.page_tables)
+    assert b_pages == a_pages[:4]
     ex.truncate(b, 20)  # inside page 2, which a holds too
-    assert b.page_ids[:2] == a.page_ids[:2] and b.page_ids[2] != a.page_ids[2]
+    ((b_pages,),) = (b.page_tables,)
+    assert b_pages[:2] == a_pages[:2] and b_pages[2] != a_pages[2]
     other = tokens(9, 3)
     (got_b,) = ex.extend([(b, other)], "all")
     np.testing.assert_allclose(got_b, fresh_logits(ex, prompt[:20] + other)[20:], rtol=1e-5, atol=1e-5)

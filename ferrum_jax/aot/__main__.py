@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ferrum_jax.aot.hlo_checks import kv_pool_copies
-from ferrum_jax.aot.programs import CompiledProgram, Limits, compile_all, count_programs, default_num_pages, dump_hlo, kv_page_shape, target_mesh
+from ferrum_jax.aot.programs import CompiledProgram, Limits, compile_all, count_programs, dump_hlo, kv_page_shape, target_mesh
 from ferrum_jax.aot.targets import GiB, TARGETS, Target, get_target
 from ferrum_jax.executor.compile_cache import enable_persistent_cache
 from ferrum_jax.executor.platform_defaults import default_dtype, default_max_num_batched_tokens
@@ -37,6 +37,7 @@ from ferrum_jax.executor.program_plan import PROGRAM_FAMILIES, target_programs
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models import registry
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.kv.layout import kv_layout
 from ferrum_jax.kv.pages import kv_cache_dtype
 from ferrum_jax.models.param_tree import abstract_model, param_shardings, unflatten_into
 from ferrum_jax.models.quantization import Quantization
@@ -56,21 +57,22 @@ def model_config(s: ServeSettings) -> ModelConfig:
     return registry.model_config(hf_config_of(source.path))
 
 
-def resolve_limits(s: ServeSettings, target: Target) -> Limits:
-    """The server's settings with its defaults filled in for the target's platform."""
+def resolve_limits(s: ServeSettings, target: Target, cfg: ModelConfig) -> Limits:
+    """The server's settings with its defaults filled in for the target's platform and model."""
     from ferrum_jax.executor.jax_executor import JaxModelExecutor
 
     defaults = inspect.signature(JaxModelExecutor.__init__).parameters
     max_model_len = s.max_model_len or defaults["max_sequence_length"].default
     max_num_seqs = s.max_num_seqs or defaults["max_batch_size"].default
     page_size = s.page_size or defaults["page_size"].default
+    max_num_batched_tokens = s.max_num_batched_tokens or default_max_num_batched_tokens(target.platform)
     return Limits(
         dtype=s.executor_dtype or default_dtype(target.platform),
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=s.max_num_batched_tokens or default_max_num_batched_tokens(target.platform),
+        max_num_batched_tokens=max_num_batched_tokens,
         page_size=page_size,
-        num_pages=s.num_pages or default_num_pages(max_num_seqs, max_model_len, page_size),
+        num_pages=s.num_pages or kv_layout(cfg).default_num_pages(max_num_seqs, max_model_len, page_size, max_num_batched_tokens),
         tensor_parallel_size=s.tensor_parallel_size or 1,
         attention=s.attention or "auto",
         quantization=s.quantization or _stored_quantization(s),
@@ -119,7 +121,13 @@ def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[Comp
     page_bytes = pool_bytes // limits.num_pages
     peak = max(p.peak_bytes for p in programs)
     usable = target.usable_bytes
-    copies = {f"{p.kind}_{p.bucket}": kv_pool_copies(p.hlo, device_pool, cfg.num_layers) for p in programs}
+    layout = kv_layout(cfg)
+    copies = {f"{p.kind}_{p.bucket}": kv_pool_copies(p.hlo, device_pool, layout.slots) for p in programs}
+    # What one sequence at max_model_len holds, against a pool where every layer keeps every
+    # position (the sliding-window saving of kv.layout).
+    full_pages = -(-limits.max_model_len // limits.page_size)
+    held = layout.pages_held(limits.max_model_len, limits.page_size, 1) * layout.slots
+    sequence_ratio = held / (full_pages * cfg.num_layers)
     return {
         "target": target.name,
         "limits": {**vars(limits), "quantization": _describe(Quantization.parse(limits.quantization))},
@@ -137,6 +145,9 @@ def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[Comp
         "peak_bytes_per_device": peak,
         "fits": peak <= usable,
         "num_pages": limits.num_pages,
+        "kv_layout": {"slots": layout.slots, "group_windows": list(layout.windows)},
+        "kv_sequence_ratio": round(sequence_ratio, 4),
+        "max_model_len_sequences": (limits.num_pages - 1) // layout.pages_held(limits.max_model_len, limits.page_size, 1),
         "max_num_pages": max(0, (usable - (peak - pool_bytes)) // page_bytes),
         "kv_pool_copies": sum(len(c) for c in copies.values()),
         "kv_pool_copy_lines": [line for c in copies.values() for line in c[:3]][:10],
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         enable_persistent_cache()
     target = get_target(args.target)
     cfg = model_config(s)
-    limits = resolve_limits(s, target)
+    limits = resolve_limits(s, target, cfg)
     devices = target.devices()
     programs = tuple(args.programs or target_programs(s.speculative_method is not None))
     total = count_programs(limits, programs)
@@ -195,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         f"\ncompiled {len(compiled)} programs in {r['compile_s']} s; per device: weights {_gib(r['weight_bytes_per_device'])} GiB, "
         f"KV pool {_gib(r['kv_pool_bytes_per_device'])} GiB ({limits.num_pages} pages), peak {_gib(r['peak_bytes_per_device'])} "
         f"of {_gib(r['usable_bytes_per_device'])} GiB usable: {'fits' if r['fits'] else 'DOES NOT FIT'}; "
-        f"up to {r['max_num_pages']} KV pages fit; KV-pool copies in the programs: {r['kv_pool_copies']}"
+        f"up to {r['max_num_pages']} KV pages fit; KV-pool copies in the programs: {r['kv_pool_copies']}\n"
+        f"KV pages hold {r['kv_layout']['slots']} layers each, in groups with windows {r['kv_layout']['group_windows']}; "
+        f"a {limits.max_model_len}-token sequence holds {r['kv_sequence_ratio']} of "
+        f"a full-attention pool's pages for it, the pool holds {r['max_model_len_sequences']} such sequences"
     )
     for line in r["kv_pool_copy_lines"]:
         print("  " + line[:200])

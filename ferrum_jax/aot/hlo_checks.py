@@ -21,13 +21,13 @@ def _signature(dims) -> tuple[int, ...]:
     return tuple(sorted(d for d in dims if d != 1))
 
 
-def kv_pool_copies(hlo: str, pool_shape: tuple[int, ...], num_layers: int) -> list[str]:
+def kv_pool_copies(hlo: str, pool_shape: tuple[int, ...], slots: int) -> list[str]:
     """The instructions of `hlo` that copy or relayout a KV-page array of `pool_shape` (one
-    device's K or V pool, all layers: `[kv_rows, num_layers * num_pages, page_size, head_dim]`),
-    as lines of HLO text."""
+    device's K or V pool, all layers: `[kv_rows, slots * num_pages, page_size, head_dim]`, see
+    kv.pages), or one slot's part of it, as lines of HLO text."""
     rows, pages, page_size, head_dim = pool_shape
     signatures = set()
-    for p in (pages, pages // num_layers):
+    for p in (pages, pages // slots):
         signatures.add(_signature((rows, p, page_size, head_dim)))
         signatures.add(_signature((rows, p * page_size, head_dim)))
     found = []

@@ -25,7 +25,7 @@ from ferrum_jax.batch.ragged import NO_FEED, Feed
 from ferrum_jax.executor.platform_defaults import resolve_attention
 from ferrum_jax.executor.program_plan import ProgramInputs, StepFunctions, compile_programs, num_programs
 from ferrum_jax.interfaces.errors import FerrumError
-from ferrum_jax.kv.allocator import PageAllocator
+from ferrum_jax.kv.layout import kv_layout
 from ferrum_jax.kv.pages import abstract_kv_pages, kv_cache_dtype
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.paged_attention import AttentionBackend
@@ -85,15 +85,10 @@ def target_mesh(devices: list, tensor_parallel_size: int) -> Mesh:
     return Mesh(np.asarray(devices[:tensor_parallel_size]).reshape(1, tensor_parallel_size), MESH_AXES)
 
 
-def default_num_pages(max_num_seqs: int, max_model_len: int, page_size: int) -> int:
-    """The executor's default pool: every sequence at full length, plus the padding page."""
-    return max_num_seqs * -(-max_model_len // page_size) + PageAllocator.RESERVED
-
-
 def kv_page_shape(cfg: ModelConfig, limits: Limits) -> tuple[int, int, int, int]:
     """One of the K/V pool arrays, whole (all devices)."""
     rows = kv_rows(cfg, limits.tensor_parallel_size)
-    return (rows, cfg.num_layers * limits.num_pages, limits.page_size, cfg.head_dim)
+    return (rows, kv_layout(cfg).slots * limits.num_pages, limits.page_size, cfg.head_dim)
 
 
 def abstract_inputs(cfg: ModelConfig, limits: Limits, mesh: Mesh, backend: AttentionBackend, feed_rows: int):
@@ -127,7 +122,8 @@ def compile_all(
     mesh = target_mesh(devices, limits.tensor_parallel_size)
     platform = mesh.devices.flat[0].platform
     backend = AttentionBackend(resolve_attention(limits.attention, platform), mesh)
-    buckets = BucketSpec(limits.max_num_batched_tokens, limits.max_num_seqs, -(-limits.max_model_len // limits.page_size))
+    buckets = BucketSpec(limits.max_num_batched_tokens, limits.max_num_seqs, -(-limits.max_model_len // limits.page_size),
+                         kv_layout(cfg).num_groups)
     graphdef, inputs = abstract_inputs(cfg, limits, mesh, backend, buckets.max_num_seqs)
     fns = StepFunctions(make_ragged_step(graphdef, backend), make_sampler(backend, buckets.max_num_seqs), jax.jit(sampling_probs))
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -14,7 +14,8 @@ Decode buckets: a step of at most one token per sequence with fewer than 16 sequ
 T = S (shapes (S, S, S) for S = 1, 2, 4, 8), because every GEMM of the step costs by its rows
 and a batch-1 decode padded to 16 rows pays ~3x for its weights' traffic on CPU. That adds one
 logits and one sampling program per small S, not a T x S grid.
-`pages_per_seq` is fixed by the maximum sequence length.
+`pages_per_seq` is fixed by the maximum sequence length, `kv_groups` (the page tables per
+sequence, kv.layout) by the model.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class BucketSpec:
     max_num_batched_tokens: int
     max_num_seqs: int
     pages_per_seq: int
+    kv_groups: int = 1
 
     def __post_init__(self):
         if self.max_num_seqs < 1:

@@ -36,14 +36,15 @@ class SequenceChunk:
     """New tokens of one sequence appended at kv position `kv_offset`.
 
     positions: RoPE positions of the tokens (normally kv_offset + arange).
-    page_ids: the sequence's pages, covering at least kv_offset + len(token_ids) tokens.
+    page_tables: per KV group (kv.layout) the sequence's pages, covering at least kv_offset +
+    len(token_ids) tokens (0 for a page a sliding window has passed).
     logits: "none" | "last" | "all" — which of the chunk's rows produce logits.
     """
 
     token_ids: np.ndarray
     positions: np.ndarray
     kv_offset: int
-    page_ids: Sequence[int]
+    page_tables: Sequence[Sequence[int]]
     logits: str
 
 
@@ -55,14 +56,14 @@ def build_ragged_batch(
     total = sum(lens)
     all_rows = any(c.logits == "all" for c in chunks)
     shape = spec.shape_for(total, len(chunks), all_rows)
-    t, s = shape.tokens, shape.seqs
+    t, s, g = shape.tokens, shape.seqs, spec.kv_groups
 
     token_ids = np.zeros(t, np.int32)
     positions = np.zeros(t, np.int32)
-    slot_mapping = np.full(t, PADDING_SLOT, np.int32)
+    slot_mapping = np.full((g, t), PADDING_SLOT, np.int32)
     cu_q_lens = np.full(s + 1, total, np.int32)
     kv_lens = np.zeros(s, np.int32)
-    page_table = np.zeros((s, spec.pages_per_seq), np.int32)
+    page_table = np.zeros((g, s, spec.pages_per_seq), np.int32)
     logits_indices = np.zeros(shape.logit_rows, np.int32)
     rows_of_chunk: list[np.ndarray] = []
 
@@ -71,12 +72,13 @@ def build_ragged_batch(
         end = start + n
         token_ids[start:end] = c.token_ids
         positions[start:end] = c.positions
-        pages = np.asarray(c.page_ids, np.int32)
         kv_pos = c.kv_offset + np.arange(n)
-        slot_mapping[start:end] = pages[kv_pos // page_size] * page_size + kv_pos % page_size
+        for group, table in enumerate(c.page_tables):
+            pages = np.asarray(table, np.int32)
+            slot_mapping[group, start:end] = pages[kv_pos // page_size] * page_size + kv_pos % page_size
+            page_table[group, i, : len(pages)] = pages
         cu_q_lens[i] = start
         kv_lens[i] = c.kv_offset + n
-        page_table[i, : len(pages)] = pages
         wanted = {"none": np.arange(0), "last": np.arange(end - 1, end), "all": np.arange(start, end)}[c.logits]
         logits_indices[row : row + len(wanted)] = wanted
         rows_of_chunk.append(np.arange(row, row + len(wanted)))
@@ -125,12 +127,12 @@ def build_feed(prev_ids: jax.Array, pairs: Sequence[tuple[int, int]]) -> Feed:
 
 def dummy_batch(shape: StepShape, spec: BucketSpec) -> RaggedBatch:
     """An all-padding batch of `shape` (num_seqs 0): compiles the program, touches only page 0."""
-    t, s = shape.tokens, shape.seqs
+    t, s, g = shape.tokens, shape.seqs, spec.kv_groups
     meta = AttentionMetadata(
-        slot_mapping=np.full(t, PADDING_SLOT, np.int32),
+        slot_mapping=np.full((g, t), PADDING_SLOT, np.int32),
         cu_q_lens=np.zeros(s + 1, np.int32),
         kv_lens=np.zeros(s, np.int32),
-        page_table=np.zeros((s, spec.pages_per_seq), np.int32),
+        page_table=np.zeros((g, s, spec.pages_per_seq), np.int32),
         num_seqs=np.asarray(0, np.int32),
     )
     return RaggedBatch(

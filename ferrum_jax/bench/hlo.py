@@ -34,9 +34,9 @@ def main(argv=None) -> None:
         quantization=args.quantization,
     )
     prompt = asyncio.run(ex.prefill(fj.PrefillInput(input_ids=np.arange(1, 41, dtype=np.int32)[None])))
-    pages = list(prompt.kv_cache.page_ids)  # position 40 still falls in the prompt's last page
+    tables = prompt.kv_cache.page_tables  # position 40 still falls in the prompt's last page
     chunk = SequenceChunk(token_ids=np.array([7], np.int32), positions=np.array([40], np.int32), kv_offset=40,
-                          page_ids=pages, logits="last")  # fmt: skip
+                          page_tables=tables, logits="last")  # fmt: skip
     batch, shape, _ = build_ragged_batch([chunk], ex.buckets, ex.page_size)
     compiled = ex._step.lower(ex._state, ex._kv, batch, ex._no_feed).compile()
     with open(args.out, "w") as f:

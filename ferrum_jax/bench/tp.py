@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     rows = []
     for tp in args.sizes:
         ex = fj.JaxModelExecutor.from_config(cfg, seed=0, tensor_parallel_size=tp, **limits)
-        pages = list(range(1, 17))
+        pages = [list(range(1, 17))]  # one KV group: a llama
         decode = [SequenceChunk(np.array([5], np.int32), np.array([200], np.int32), 200, pages, "last") for _ in range(8)]
         prefill = [SequenceChunk(np.arange(256, dtype=np.int32), np.arange(256, dtype=np.int32), 0, pages, "last")]
         t_dec, ops = time_step(ex, decode)

@@ -453,9 +453,9 @@ class Engine:
                 param="prompt",
             )
         peak = min(len(prompt) + params.max_tokens, ex.max_sequence_length)
-        if ex.pages_needed(None, peak) > ex.num_total_pages:
+        if ex.pages_to_hold(peak) > ex.num_total_pages:
             raise FerrumError.invalid_request(
-                f"a request of up to {peak} tokens needs {ex.pages_needed(None, peak)} KV pages, "
+                f"a request of up to {peak} tokens needs {ex.pages_to_hold(peak)} KV pages, "
                 f"the pool holds {ex.num_total_pages}",
                 param="max_tokens",
             )

@@ -73,7 +73,7 @@ class Scheduler:
             prefix = self.executor.match_prefix(req.all_ids, req.cache_salt)
             n = min(req.num_uncomputed - prefix.num_tokens, budget)
             # Cached pages nobody holds are counted free: holding them takes them off.
-            need = self.executor.pages_needed(None, prefix.num_tokens + n) - len(prefix.pages) + prefix.num_evictable
+            need = self.executor.pages_needed(None, prefix.num_tokens + n) - prefix.num_covered + prefix.num_evictable
             if need > free:
                 break
             self.waiting.popleft()

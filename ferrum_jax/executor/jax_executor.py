@@ -61,6 +61,7 @@ from ferrum_jax.interfaces import (
     UnifiedBatchItem,
 )
 from ferrum_jax.kv.allocator import PageAllocator
+from ferrum_jax.kv.layout import kv_layout
 from jax.sharding import Mesh, NamedSharding
 
 from ferrum_jax.kv.calibration import kv_amax, kv_scales
@@ -147,9 +148,10 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         pages_per_seq = -(-max_sequence_length // page_size)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = default_max_num_batched_tokens(platform)
-        self.buckets = BucketSpec(max_num_batched_tokens, max_batch_size, pages_per_seq)
+        self.kv_layout = kv_layout(cfg)
+        self.buckets = BucketSpec(max_num_batched_tokens, max_batch_size, pages_per_seq, self.kv_layout.num_groups)
         if num_pages is None:
-            num_pages = max_batch_size * pages_per_seq + PageAllocator.RESERVED
+            num_pages = self.kv_layout.default_num_pages(max_batch_size, max_sequence_length, page_size, max_num_batched_tokens)
         self._graphdef = graphdef
         # int4 weights take the platform's form once, here (see int4_codes).
         self._state = state_to_uint4(state) if wants_uint4(platform) else state
@@ -187,7 +189,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             [repr(cfg), str(dtype), self.attention_impl, str(backend.cpu_kernel), repr(self.mesh), repr([d.id for d in self.mesh.devices.flat]),
              f"feed_rows={feed_rows}"]
         )
-        self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length, enable_prefix_caching)
+        self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length, enable_prefix_caching,
+                                   self.kv_layout.windows)
         self._info = ModelInfo(
             model_id=model_id,
             model_type=cfg.architecture,
@@ -488,11 +491,17 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         return np.asarray(self._run_program("distribution", padded_n, self._distribution, padded, sampling))[:n]
 
     def pages_needed(self, kv_cache: KvCacheHandle | None, new_tokens: int) -> int:
-        """Pages a sequence (None: a new one) must gain to hold `new_tokens` more tokens."""
+        """Pages a sequence (None: a new one) must gain to hold `new_tokens` more tokens, less
+        those its sliding windows give back first (see SequenceTable.pages_needed)."""
         if kv_cache is None:
-            return -(-new_tokens // self.page_size)
+            return self.kv_layout.num_groups * -(-new_tokens // self.page_size)
         seq = self._seqs.lookup(kv_cache)
         return self._seqs.pages_needed(seq, seq.num_tokens + new_tokens)
+
+    def pages_to_hold(self, tokens: int) -> int:
+        """The most pages one sequence of `tokens` tokens holds at once, computed in steps of at
+        most max_num_batched_tokens (kv.layout.KvLayout.pages_held)."""
+        return self.kv_layout.pages_held(tokens, self.page_size, self.buckets.max_num_batched_tokens)
 
     def _unified_work(self, items: list[UnifiedBatchItem]) -> list[_Work]:
         self._check_live()
@@ -570,9 +579,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
     def truncate(self, kv_cache: KvCacheHandle, new_len: int) -> None:
         """`truncate_kv` without the coroutine, for the engine's worker-thread paths."""
         self._check_live()
-        copy = self._seqs.truncate(self._seqs.lookup(kv_cache), int(new_len))
-        if copy is not None:
-            src, dst = copy
+        for src, dst in self._seqs.truncate(self._seqs.lookup(kv_cache), int(new_len)):
             self._kv = copy_page(self._kv, np.int32(src), np.int32(dst))
 
     def release_cache(self, cache_id: str) -> None:
@@ -613,7 +620,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             parameter_memory=state_nbytes(self._state),
             activation_memory_per_token=activation * itemsize,
             kv_cache_memory_per_token=kv_bytes_per_token(c, self.kv_dtype),
-            overhead_memory=self.page_size * kv_bytes_per_token(c, self.kv_dtype) * c.num_layers,
+            overhead_memory=self._page_bytes,
         )
 
     def status(self) -> ExecutorStatus:
@@ -800,6 +807,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             for owner, r, chunk in zip(owners, rows, step_chunks):
                 pieces[owner].append(host[r])
                 self._seqs.append(work[owner].seq, chunk.token_ids)
+                self._seqs.give_back_passed(work[owner].seq)
         elapsed = time.perf_counter() - t0
         self._record(kind, elapsed, sum(len(w.token_ids) for w in work), len(work))
         return [np.concatenate(p, axis=0) if p else np.zeros((0, self.cfg.vocab_size), np.float32) for p in pieces]
@@ -843,7 +851,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
                         token_ids=w.token_ids[done : done + take],
                         positions=w.positions[done : done + take],
                         kv_offset=base + done,
-                        page_ids=w.seq.pages,
+                        page_tables=w.seq.tables,
                         logits=rows,
                     )
                 )
@@ -864,12 +872,17 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._peak_pages = max(self._peak_pages, self._seqs.allocator.num_used)
         self._last_operation = time.monotonic()
 
+    @property
+    def _page_bytes(self) -> int:
+        """K plus V bytes of one page: page_size tokens of `slots` layers (kv.layout)."""
+        return self.page_size * kv_bytes_per_token(self.cfg, self.kv_dtype) * self.kv_layout.slots
+
     def _avg_ms(self, kind: str) -> float:
         return self._total_ms[kind] / self._counts[kind] if self._counts[kind] else 0.0
 
     def _memory_usage(self) -> ExecutorMemoryUsage:
         params = state_nbytes(self._state)
-        per_page = self.page_size * kv_bytes_per_token(self.cfg, self.kv_dtype) * self.cfg.num_layers
+        per_page = self._page_bytes
         allocated = params + per_page * self._seqs.allocator.num_pages
         used = params + per_page * self._seqs.allocator.num_used
         peak = params + per_page * self._peak_pages

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from ferrum_jax.kv.layout import kv_layout
 from ferrum_jax.kv.pages import kv_max
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.paged_attention import AttentionBackend, AttentionMetadata
@@ -48,9 +49,15 @@ def kv_amax(graphdef: nnx.GraphDef, state: nnx.State, cfg: ModelConfig, backend:
     ids = calibration_tokens(cfg)
     tokens = ids.shape[0]
     pages = -(-tokens // page_size)
-    pool = (kv_rows, cfg.num_layers * (pages + 1), page_size, cfg.head_dim)
+    layout = kv_layout(cfg)
+    # Page 0 is the reserved padding page; KV group g's table is pages 1 + g * pages ... .
+    num_pages = 1 + layout.num_groups * pages
+    pool = (kv_rows, layout.slots * num_pages, page_size, cfg.head_dim)
     tp = 1 if backend.mesh is None else backend.mesh.shape["model"]
     sharding = None if backend.mesh is None else NamedSharding(backend.mesh, kv_spec(tp))
+    first = 1 + pages * np.arange(layout.num_groups, dtype=np.int32)[:, None]
+    # Per layer, the pool rows its KV went to.
+    rows = np.stack([s * num_pages + first[g, 0] + np.arange(pages) for g, s in map(layout.place, range(cfg.num_layers))])
 
     @jax.jit
     def run(state, ids):
@@ -59,19 +66,18 @@ def kv_amax(graphdef: nnx.GraphDef, state: nnx.State, cfg: ModelConfig, backend:
         v = jnp.zeros(pool, dtype)
         if sharding is not None:
             k, v = jax.lax.with_sharding_constraint((k, v), (sharding, sharding))
-        # Page 0 of each layer is the reserved padding page; the prompt fills pages 1..pages.
         meta = AttentionMetadata(
-            slot_mapping=page_size + jnp.arange(tokens, dtype=jnp.int32),
+            slot_mapping=jnp.asarray(first * page_size + np.arange(tokens, dtype=np.int32)[None, :]),
             cu_q_lens=jnp.array([0, tokens], jnp.int32),
             kv_lens=jnp.array([tokens], jnp.int32),
-            page_table=jnp.arange(1, pages + 1, dtype=jnp.int32)[None, :],
+            page_table=jnp.asarray((first + np.arange(pages, dtype=np.int32)[None, :])[:, None, :]),
             num_seqs=jnp.array(1, jnp.int32),
         )
         _, k, v = model(ids, jnp.arange(tokens, dtype=jnp.int32), k, v, meta,
                         jnp.array([tokens - 1], jnp.int32), backend)
 
         def amax(x):
-            return jnp.max(jnp.abs(x.astype(jnp.float32)).reshape(kv_rows, cfg.num_layers, -1), axis=-1)
+            return jnp.max(jnp.abs(x[:, rows].astype(jnp.float32)).reshape(kv_rows, cfg.num_layers, -1), axis=-1)
 
         return amax(k), amax(v)
 

@@ -1,12 +1,13 @@
-"""The KV-page pytree: one K and one V array for the whole layer stack, `[kv_heads, num_layers *
-num_pages, page_size, head_dim]`, layer l's page p at row `l * num_pages + p`. Allocated once,
-donated into every step.
+"""The KV-page pytree: one K and one V array for the whole layer stack, `[kv_heads, slots *
+num_pages, page_size, head_dim]`: a page holds its tokens for `slots` layers (kv.layout), the
+layer in slot s keeping page p at row `s * num_pages + p`; a model whose layers attend alike
+has one slot per layer. Allocated once, donated into every step.
 
-One array for all layers is what lets the step scan over the layers (one compiled layer body,
-compile time independent of depth) while the KV stays in place: the scan carries the pool and
-each layer reads and writes its own pages through page ids offset by `l * num_pages`. A leading
-layer axis would instead need a per-layer slice of the pool, which XLA materialises as a copy in
-front of an opaque attention kernel. Per layer the layout is what `pallas_kernels`
+One array for all layers is what lets the step loop over the layers (one compiled layer body,
+compile time independent of depth) while the KV stays in place: the loop carries the pool and
+each layer reads and writes its own pages through page ids offset by `slot * num_pages`. A
+leading layer axis would instead need a per-layer slice of the pool, which XLA materialises as
+a copy in front of an opaque attention kernel. Per layer the layout is what `pallas_kernels`
 reads, so no kernel knows about layers and none relayouts anything per step.
 
 The leading axis holds the KV heads a model shard attends with: all of them without tensor
@@ -14,7 +15,7 @@ parallelism, `num_kv_heads / tp` per shard when the heads split, and when tensor
 exceeds the KV-head count one row per shard holding the one KV head that shard's query heads
 read (see `sharding.kv_rows`), so a shard never slices a replicated pool.
 
-Page 0 of every layer is reserved: padding tokens write there, so a padded slot never lands in a
+Page 0 of every slot is reserved: padding tokens write there, so a padded slot never lands in a
 live sequence's page. The allocator never hands it out.
 
 The pages may hold a narrower dtype than the model computes in (`kv_cache_dtype`, int8 or fp8).
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.kv.layout import kv_layout
 from ferrum_jax.models.config import ModelConfig
 
 
@@ -42,14 +44,14 @@ from ferrum_jax.models.config import ModelConfig
 class KvPages:
     k: jax.Array
     v: jax.Array
-    num_layers: int = dataclasses.field(metadata=dict(static=True))
+    slots: int = dataclasses.field(metadata=dict(static=True))  # layers per page (kv.layout)
     k_scale: jax.Array | None = None  # [kv_rows, num_layers] float32, narrow pages only
     v_scale: jax.Array | None = None
 
     @property
     def num_pages(self) -> int:
-        """Pages per layer."""
-        return self.k.shape[1] // self.num_layers
+        """Pages of the pool (each holding `slots` layers)."""
+        return self.k.shape[1] // self.slots
 
     @property
     def page_size(self) -> int:
@@ -89,11 +91,12 @@ def abstract_kv_pages(
     cfg: ModelConfig, num_pages: int, page_size: int, dtype, kv_rows: int, sharding=None, scale_sharding=None
 ) -> KvPages:
     """The pages as ShapeDtypeStructs: what programs compile against."""
-    page = jax.ShapeDtypeStruct((kv_rows, cfg.num_layers * num_pages, page_size, cfg.head_dim), dtype, sharding=sharding)
+    slots = kv_layout(cfg).slots
+    page = jax.ShapeDtypeStruct((kv_rows, slots * num_pages, page_size, cfg.head_dim), dtype, sharding=sharding)
     scale = None
     if kv_scaled(dtype):
         scale = jax.ShapeDtypeStruct((kv_rows, cfg.num_layers), jnp.float32, sharding=scale_sharding)
-    return KvPages(k=page, v=page, num_layers=cfg.num_layers, k_scale=scale, v_scale=scale)
+    return KvPages(k=page, v=page, slots=slots, k_scale=scale, v_scale=scale)
 
 
 def allocate_kv_pages(
@@ -108,15 +111,15 @@ def allocate_kv_pages(
     page = abstract.k
     make = jax.jit(lambda: jnp.zeros(page.shape, page.dtype), out_shardings=sharding)
     k_scale, v_scale = (None, None) if scales is None else jax.device_put(scales, scale_sharding)
-    return KvPages(k=make(), v=make(), num_layers=cfg.num_layers, k_scale=k_scale, v_scale=v_scale)
+    return KvPages(k=make(), v=make(), slots=abstract.slots, k_scale=k_scale, v_scale=v_scale)
 
 
 @jax.jit(donate_argnums=0)
 def copy_page(kv: KvPages, src: jax.Array, dst: jax.Array) -> KvPages:
-    """Page `src`'s K/V copied into page `dst`, in every layer (copy on write of a shared page)."""
-    layers = jnp.arange(kv.num_layers, dtype=jnp.int32) * kv.num_pages
+    """Page `src`'s K/V copied into page `dst`, in every slot (copy on write of a shared page)."""
+    slot_rows = jnp.arange(kv.slots, dtype=jnp.int32) * kv.num_pages
     return dataclasses.replace(
         kv,
-        k=kv.k.at[:, layers + dst].set(kv.k[:, layers + src]),
-        v=kv.v.at[:, layers + dst].set(kv.v[:, layers + src]),
+        k=kv.k.at[:, slot_rows + dst].set(kv.k[:, slot_rows + src]),
+        v=kv.v.at[:, slot_rows + dst].set(kv.v[:, slot_rows + src]),
     )

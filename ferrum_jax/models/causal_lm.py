@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ferrum_jax.kv.layout import kv_layout
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.layer_loops import layer_loops
 from ferrum_jax.models.layer_slice import LayerSlice
 from ferrum_jax.models.linear import Linear
 from ferrum_jax.models.norm import RMSNorm
@@ -75,12 +75,13 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Forward over `[tokens]`; returns float32 logits `[rows, vocab]` for `logits_indices_l`.
 
-        k_pages / v_pages: `[kv_rows, num_layers * num_pages, page_size, head_dim]` (kv.pages);
+        k_pages / v_pages: `[kv_rows, slots * num_pages, page_size, head_dim]` (kv.pages);
         k_scale / v_scale: `[kv_rows, num_layers]`, the scales of narrow pages, else None.
         """
         (t,) = token_ids_t.shape
         chex.assert_shape(positions_t, (t,))
-        num_pages, page_size = k_pages.shape[1] // self.cfg.num_layers, k_pages.shape[2]
+        layout = kv_layout(self.cfg)
+        num_pages, page_size = k_pages.shape[1] // layout.slots, k_pages.shape[2]
         h_td = jnp.take(self.embed[...], token_ids_t, axis=0)
         if self.cfg.embed_scale:
             # HF rounds the scale to the model dtype before multiplying.
@@ -88,24 +89,28 @@ class CausalLM(nnx.Module):
         ropes = [rope_cos_sin(positions_t, inv_freq) for inv_freq in self.inv_freqs]
         layer_def, layer_state = nnx.split(self.layers)
 
-        def run_layer(i, kind, carry):
+        def run_layer(i, b, kind, place, carry):
+            """Layer `i` of `kind`, iteration `b` of its loop, its KV at `place` (kv.layout)."""
             h_td, k_pages, v_pages = carry
             window, rope = kind
             layer = nnx.merge(layer_def, jax.tree.map(lambda x: LayerSlice(x, i), layer_state))
-            layer_meta = for_layer(meta, i, num_pages, page_size)
+            layer_meta = for_layer(meta, place.group, place.slot(b), num_pages, page_size)
             scales = () if k_scale is None else (k_scale[:, i], v_scale[:, i])
             return layer(h_td, ropes[rope], k_pages, v_pages, layer_meta, backend, window, *scales)
 
         carry = (h_td, k_pages, v_pages)
-        for loop in layer_loops(self.kinds):
+        for loop, places in zip(layout.loops, layout.placements):
+            # A loop's layers at one block position share their kind: take the first's.
+            kinds = [self.kinds[loop.first + j] for j in range(len(loop.block))]
             if len(loop.block) == 1:
-                body = lambda i, carry, kind=loop.block[0]: run_layer(i, kind, carry)  # noqa: E731
+                body = lambda i, carry, loop=loop, kind=kinds[0], place=places[0]: run_layer(  # noqa: E731
+                    i, i - loop.first, kind, place, carry)
                 carry = jax.lax.fori_loop(loop.first, loop.stop, body, carry)
                 continue
 
-            def block_body(b, carry, loop=loop):
-                for j, kind in enumerate(loop.block):
-                    carry = run_layer(loop.first + b * len(loop.block) + j, kind, carry)
+            def block_body(b, carry, loop=loop, kinds=kinds, places=places):
+                for j, (kind, place) in enumerate(zip(kinds, places)):
+                    carry = run_layer(loop.first + b * len(loop.block) + j, b, kind, place, carry)
                 return carry
 
             carry = jax.lax.fori_loop(0, loop.count, block_body, carry)

@@ -1,9 +1,10 @@
 """The one attention dispatch point: write new K/V into the pages, then attend.
 
-KV pages (see `ferrum_jax.kv.pages`): `[kv_rows, num_layers * num_pages, page_size, head_dim]`
-for K and V, layer l's pages at rows `l * num_pages ...`. `for_layer` offsets a step's page table
-and slot mapping to one layer, so each layer is the `[kv_heads, pages, page_size, head_dim]` pool
-`pallas_kernels.ragged_paged_attention` reads, with no per-layer slice or relayout of the pool.
+KV pages (see `ferrum_jax.kv.pages`): `[kv_rows, slots * num_pages, page_size, head_dim]` for K
+and V, the layer in slot s at rows `s * num_pages ...`. `for_layer` picks a layer's KV group's
+page table and slot mapping (kv.layout) and offsets them to its slot, so each layer is the
+`[kv_heads, pages, page_size, head_dim]` pool `pallas_kernels.ragged_paged_attention` reads, with
+no per-layer slice or relayout of the pool.
 
 `AttentionBackend.kind` is resolved by the executor from `attention="auto" | "xla" |
 "pallas"`: `"xla"` is the blocked jnp path whose cost follows the real kv lengths (the CPU
@@ -75,10 +76,12 @@ class AttentionBackend:
 class AttentionMetadata:
     """Per-step ragged layout shared by every layer.
 
-    slot_mapping `[tokens]`: flat slot (page * page_size + offset) each new token's K/V goes to;
-    padding tokens point into the reserved page 0.
+    slot_mapping `[groups, tokens]`: per KV group (kv.layout) the flat slot (page * page_size +
+    offset) each new token's K/V goes to; padding tokens point into the reserved page 0.
     cu_q_lens `[seqs + 1]`, kv_lens `[seqs]` (including the new tokens),
-    page_table `[seqs, pages_per_seq]`, num_seqs `[]` (sequences past it are padding).
+    page_table `[groups, seqs, pages_per_seq]` (a sliding-window group's pages its window has
+    passed are 0), num_seqs `[]` (sequences past it are padding). `for_layer` makes the
+    one-group `[tokens]` / `[seqs, pages_per_seq]` form the kernels read.
     """
 
     slot_mapping: jax.Array
@@ -88,11 +91,12 @@ class AttentionMetadata:
     num_seqs: jax.Array
 
 
-def for_layer(meta: AttentionMetadata, layer: jax.Array, num_pages: int, page_size: int) -> AttentionMetadata:
-    """`meta` addressing layer `layer`'s pages of the stacked pool (`num_pages` per layer)."""
-    first_page = layer * num_pages
+def for_layer(meta: AttentionMetadata, group: int, slot: jax.Array, num_pages: int, page_size: int) -> AttentionMetadata:
+    """`meta` addressing the pages of the layer in KV group `group` (static), slot `slot` of the
+    stacked pool (`num_pages` pages per slot)."""
+    first_page = slot * num_pages
     return dataclasses.replace(
-        meta, page_table=meta.page_table + first_page, slot_mapping=meta.slot_mapping + first_page * page_size
+        meta, page_table=meta.page_table[group] + first_page, slot_mapping=meta.slot_mapping[group] + first_page * page_size
     )
 
 

@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=_positive_int, help="queued requests beyond which new ones get 503 (default 256)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="weights and KV dtype (default auto)")
     p.add_argument("--page-size", type=_positive_int, help="tokens per KV page")
-    p.add_argument("--num-pages", type=_positive_int, help="KV pool size in pages (default: max-num-seqs full-length sequences)")
+    p.add_argument("--num-pages", type=_positive_int, help="KV pool size in pages, a page being page-size tokens of a group of "
+                   "layers (ferrum_jax.kv.layout); default: max-num-seqs full-length sequences")
     p.add_argument("--attention", choices=["auto", "xla", "pallas"], help="attention implementation (default auto)")
     p.add_argument("--tensor-parallel-size", type=_positive_int, help="devices to shard the model over (default 1)")
     p.add_argument(
