@@ -181,7 +181,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         self._distribution = jax.jit(sampling_probs)
         # Every program runs as an ahead-of-time executable, compiled (or loaded) once per
         # (kind, bucket): warmup compiles without running anything, a restart loads from disk.
-        self._store = ProgramStore(self.compilation_cache_dir)
+        self._store = ProgramStore(self.compilation_cache_dir, persistent=not (platform == "cpu" and self.mesh.size > 1))
         self._programs: dict[tuple[str, object], jax.stages.Compiled] = {}
         self._all_allowed: dict[int, jax.Array] = {}
         # What shapes a program beyond its arguments' avals: the sampler's ids size is a constant.

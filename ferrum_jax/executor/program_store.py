@@ -40,6 +40,7 @@ from typing import Callable
 
 import jax
 import jaxlib
+from jax._src.config import enable_compilation_cache
 from jax._src.dispatch import BACKEND_COMPILE_EVENT
 from jax.experimental import serialize_executable
 
@@ -118,9 +119,14 @@ def _execution_device_ids(compiled: jax.stages.Compiled) -> list[int] | None:
 class ProgramStore:
     """`compile(fn, args, static)`: the executable of jitted `fn` at `args`, from disk if stored."""
 
-    def __init__(self, xla_cache_dir: str | None):
-        enabled = bool(xla_cache_dir) and jax.config.jax_enable_compilation_cache and jax.process_count() == 1
+    def __init__(self, xla_cache_dir: str | None, persistent: bool = True):
+        """persistent False: neither this store nor XLA's cache keeps the programs (a
+        several-device mesh on XLA:CPU, whose executables jaxlib 0.10 now and then segfaulted
+        serializing for XLA's cache: three test-suite runs died so, in two tensor-parallel tests;
+        CPU tensor parallelism is a development configuration, not a served one)."""
+        enabled = persistent and bool(xla_cache_dir) and jax.config.jax_enable_compilation_cache and jax.process_count() == 1
         self.directory = Path(xla_cache_dir) / "programs" if enabled else None
+        self.persistent = persistent
 
     def _key(self, args, static: str) -> str:
         devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
@@ -136,6 +142,9 @@ class ProgramStore:
         return hashlib.sha256("\n\n".join(context).encode()).hexdigest()
 
     def compile(self, fn: Callable, args: tuple, static: str) -> jax.stages.Compiled:
+        if not self.persistent:
+            with enable_compilation_cache(False):
+                return fn.lower(*args).compile()
         if self.directory is None:
             return fn.lower(*args).compile()
         key = self._key(args, static)
