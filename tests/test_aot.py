@@ -74,6 +74,21 @@ def test_llama3_8b_step_compiles_fits_and_copies_no_kv(tmp_path, target, platfor
     assert 8.0e9 * 2 < report["weight_bytes_per_device"] < 8.1e9 * 2
     assert report["kv_pool_bytes_per_device"] == 2 * 32 * 2048 * 16 * 8 * 128 * 2
     assert all(p["peak_bytes"] >= report["weight_bytes_per_device"] + report["kv_pool_bytes_per_device"] for p in report["programs"])
+    assert_moves_its_weights_once(report, hlo, platform)
+
+
+def assert_moves_its_weights_once(report: dict, hlo: dict[str, str], platform: str) -> None:
+    """Every program of few tokens writes (and reads back) no more than 10% of the weights'
+    bytes beyond the KV, logits and activations (the roofline's excess: aot.hlo_traffic counts
+    each write once per loop trip); on GPU each decoder weight is one in-place layer-kernel call
+    (seven a layer), where XLA's gemm copied every layer out of the stack (174% excess in bf16)."""
+    for r in report["roofline"]:
+        assert r["excess_of_weights"] <= 0.10, (r["program"], r["excess_of_weights"], r["largest_writes"])
+    if platform == "gpu":
+        for name, text in hlo.items():
+            assert text.count('name = "layer_matmul"') == 7, name
+    decode = report["decode"]["decode_1"]
+    assert decode["bound"] == "memory" and decode["predicted_tokens_per_s"] > 0
 
 
 @needs_tpu
@@ -96,6 +111,17 @@ def test_llama3_8b_int4_on_tpu_reads_uint4_codes_in_the_pallas_kernel(tmp_path, 
     assert 4.4e9 < report["weight_bytes_per_device"] < 5.5e9
     for p in report["programs"]:
         assert p["temp_bytes"] < 8 * 2**20, (p["bucket"], p["temp_bytes"])
+
+
+@needs_cuda
+def test_llama3_8b_int8_on_gpu_reads_each_layer_in_place(tmp_path):
+    """Per-channel int8 decoder weights on GPU go to the layer kernel too (codes read from the
+    stack, the column scales applied in the kernel): XLA's gemm copied each layer's codes out of
+    the stack, 170% of the weights' bytes in excess."""
+    code, report, hlo = aot(tmp_path, "--target", "gpu-h100", "--model", LLAMA_8B, *SMALL, "--num-pages", "2048",
+                            "--quantization", "int8")  # fmt: skip
+    assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
+    assert_moves_its_weights_once(report, hlo, "gpu")
 
 
 @needs_cuda
@@ -239,9 +265,11 @@ def test_gemma3_27b_tp4_loops_over_its_block_of_six_layers(tmp_path):
 @needs_cuda
 def test_gemma3_270m_on_gpu_runs_the_triton_kernel_at_head_dim_256(tmp_path):
     """The packaged Gemma 3 270M (head_dim 256, one KV head, windows of 512) compiles for an
-    H100: one loop over its 6-layer block, six Triton attention kernels in the body."""
+    H100: one loop over its 6-layer block, six Triton attention kernels in the body, and its 42
+    projections (seven a layer) the layer kernel reading each weight in place."""
     code, report, hlo = aot(tmp_path, "--target", "gpu-h100", "--model", "gemma3-270m", *SMALL)
     assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
     for name, text in hlo.items():
         assert len(re.findall(r" while\(", text)) == 1, name
-        assert text.count(KERNEL_CALL["gpu"]) == 6, name
+        assert text.count('name = "ragged_paged_attention_gpu"') == 6, name
+        assert text.count('name = "layer_matmul"') == 42, name

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from ferrum_jax.models.quantization import Quantization, quantize
-from pallas_kernels.grouped_matmul import grouped_block_sizes, grouped_block_sizes_tpu, grouped_matmul_gpu, grouped_matmul_tpu
+from pallas_kernels.grouped_matmul import (
+    grouped_block_sizes, grouped_block_sizes_tpu, grouped_matmul_gpu, grouped_matmul_tpu, layer_block_sizes, layer_matmul_gpu,
+)
 
 
 def numpy_weight(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -106,3 +108,30 @@ def test_tpu_block_sizes_refuse_what_the_kernel_cannot_tile(k, n, group, packed,
         return
     with pytest.raises(ValueError, match=problem):
         grouped_block_sizes_tpu(1, k, n, group, packed)
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 256, 128), (16, 512, 4096), (40, 128, 48)])
+@pytest.mark.parametrize("form", ["bfloat16", "int8"])
+def test_layer_kernel_reads_its_layer_of_the_stack(m, k, n, form):
+    """pallas_kernels.grouped_matmul.layer_matmul_gpu: layer 2 of a stack of 3 against numpy, for
+    bfloat16 weights and for int8 codes with a scale per output column."""
+    rng = np.random.default_rng(m + n)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    if form == "bfloat16":
+        stack, scale = jnp.asarray(rng.normal(size=(3, k, n)), jnp.bfloat16), None
+        want_w = np.asarray(stack[2], np.float64)
+    else:
+        stack = jnp.asarray(rng.integers(-127, 128, size=(3, k, n)), jnp.int8)
+        scale = jnp.asarray(rng.uniform(0.001, 0.01, size=(3, n)), jnp.float32)
+        want_w = np.asarray(stack[2], np.float64) * np.asarray(scale[2], np.float64)
+    y = layer_matmul_gpu(x, stack, jnp.int32(2), scale, out_dtype=jnp.float32, interpret=True)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x, np.float64) @ want_w, rtol=1e-4, atol=1e-3)
+
+
+def test_layer_kernel_leaves_many_rows_to_xla_and_widens_blocks_only_where_programs_stay_many():
+    with pytest.raises(ValueError, match="at most 64"):
+        layer_block_sizes(65, 4096, 4096)
+    assert layer_block_sizes(1, 4096, 4096) == (16, 16)  # 256 programs over N = 4096
+    assert layer_block_sizes(16, 4096, 14336) == (16, 32)  # 448 programs
+    assert layer_block_sizes(3, 4096, 65536) == (16, 128)

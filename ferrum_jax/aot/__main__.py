@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ferrum_jax.aot.hlo_checks import kv_pool_copies
+from ferrum_jax.aot.roofline import decode_programs, program_roofline
 from ferrum_jax.aot.programs import CompiledProgram, Limits, compile_all, count_programs, dump_hlo, kv_page_shape, target_mesh
 from ferrum_jax.aot.targets import GiB, TARGETS, Target, get_target
 from ferrum_jax.executor.compile_cache import enable_persistent_cache
@@ -111,7 +112,8 @@ def _shard_elements(shape, sharding) -> int:
     return math.prod(sharding.shard_shape(tuple(shape)))
 
 
-def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[CompiledProgram], weights: int) -> dict:
+def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[CompiledProgram], weights: int,
+           context_len: int) -> dict:
     """The summary printed and written to --json."""
     tp = limits.tensor_parallel_size
     pool_shape = kv_page_shape(cfg, limits)
@@ -128,6 +130,7 @@ def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[Comp
     full_pages = -(-limits.max_model_len // limits.page_size)
     held = layout.pages_held(limits.max_model_len, limits.page_size, 1) * layout.slots
     sequence_ratio = held / (full_pages * cfg.num_layers)
+    roofs = [program_roofline(cfg, limits, target, p, weights, context_len) for p in programs if p.shape is not None]
     return {
         "target": target.name,
         "limits": {**vars(limits), "quantization": _describe(Quantization.parse(limits.quantization))},
@@ -151,11 +154,27 @@ def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[Comp
         "max_num_pages": max(0, (usable - (peak - pool_bytes)) // page_bytes),
         "kv_pool_copies": sum(len(c) for c in copies.values()),
         "kv_pool_copy_lines": [line for c in copies.values() for line in c[:3]][:10],
+        "context_len": context_len,
+        "roofline": roofs,
+        "decode": decode_programs(roofs, limits.max_num_seqs),
     }
 
 
 def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
+
+
+def print_roofline(r: dict, target: Target) -> None:
+    print(f"\nroofline on {target.name} ({target.hbm_gbps:g} GB/s, {target.bf16_tflops:g} bf16 TFLOP/s), "
+          f"context {r['context_len']} tokens; GiB per device:")
+    print("| program | weights | KV read | KV written | activations | excess (of weights) | GFLOP | bound | ms | tok/s |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for x in r["roofline"]:
+        print(f"| {x['program']} | {_gib(x['weight_bytes'])} | {_gib(x['kv_read_bytes'])} | {_gib(x['kv_written_bytes'])} | "
+              f"{_gib(x['activation_bytes'])} | {_gib(x['excess_bytes'])} ({100 * x['excess_of_weights']:.1f}%) | "
+              f"{x['flops'] / 1e9:.1f} | {x['bound']} | {x['predicted_ms']:.3f} | {x['predicted_tokens_per_s']:g} |")
+    for name, x in r["decode"].items():
+        print(f"{name}: predicted {x['predicted_tokens_per_s']:g} tok/s; largest writes: {'; '.join(x['largest_writes'][:2])}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="write every compiled program into this JAX persistent compilation cache; a server on the "
                         "target started with FERRUM_JAX_CACHE_DIR pointing at a copy of it looks its programs up "
                         "there (written here; a hit on the real chip is not verified without one)")
+    p.add_argument("--context-len", type=int,
+                   help="tokens of KV each sequence holds, for the roofline's KV reads (default max-model-len / 2)")
     p.add_argument("--programs", nargs="+", choices=PROGRAM_FAMILIES,
                    help="program families to compile (default: what the server's warmup compiles)")
     args, serve_argv = p.parse_known_args(argv)
@@ -201,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.dump_hlo:
         dump_hlo(compiled, args.dump_hlo)
-    r = report(cfg, limits, target, compiled, weight_bytes_per_device(cfg, limits, devices))
+    r = report(cfg, limits, target, compiled, weight_bytes_per_device(cfg, limits, devices),
+               args.context_len or limits.max_model_len // 2)
+    print_roofline(r, target)
     print(
         f"\ncompiled {len(compiled)} programs in {r['compile_s']} s; per device: weights {_gib(r['weight_bytes_per_device'])} GiB, "
         f"KV pool {_gib(r['kv_pool_bytes_per_device'])} GiB ({limits.num_pages} pages), peak {_gib(r['peak_bytes_per_device'])} "

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ferrum_jax.batch.buckets import BucketSpec
+from ferrum_jax.batch.buckets import BucketSpec, StepShape
 from ferrum_jax.batch.ragged import NO_FEED, Feed
 from ferrum_jax.executor.platform_defaults import resolve_attention
 from ferrum_jax.executor.program_plan import ProgramInputs, StepFunctions, compile_programs, num_programs
@@ -69,6 +69,7 @@ class CompiledProgram:
     cost_bytes: float
     cost_flops: float
     hlo: str = dataclasses.field(repr=False)
+    shape: StepShape | None = None  # a step program's bucket
 
     @property
     def peak_bytes(self) -> int:
@@ -145,7 +146,7 @@ def compile_all(
         out.append(CompiledProgram(
             kind, name, seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
             mem.temp_size_in_bytes, float(cost.get("bytes accessed", 0.0)), float(cost.get("flops", 0.0)),
-            compiled.as_text(),
+            compiled.as_text(), bucket if kind == "step" else None,
         ))  # fmt: skip
         progress(out[-1])
         return compiled

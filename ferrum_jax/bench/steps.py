@@ -7,6 +7,13 @@ would) and rolls the KV back, so every repeat sees the same contexts. Reported: 
 wall time of `--repeats` runs after two warm ones (compilation excluded). With
 `--no-attention` the attention is replaced by the identity, which leaves the GEMMs, the KV
 write and everything else: the difference is what attention costs in that step.
+
+Decode steps also get their floor on this machine: the weights and the KV they read over the
+bandwidth XLA:CPU streams a weight at here (a float32 matvec over a 512 MiB matrix, best of 5),
+and what the compiled program writes per step besides (aot.hlo_traffic: each instruction's
+result, once per loop trip; the KV write and logits included), where the time above the floor
+goes. Unlike on an accelerator those writes are mostly small per-layer temporaries that stay in
+the CPU's caches, so they cost copy time, not DRAM traffic, and the floor leaves them out.
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ def main(argv=None) -> None:
 
     import numpy as np
 
+    from ferrum_jax.aot.hlo_traffic import traffic
     from ferrum_jax.default_model import default_model_path
+    from ferrum_jax.kv.pages import kv_bytes_per_token
+    from ferrum_jax.models.param_tree import state_nbytes
     from ferrum_jax.executor.jax_executor import JaxModelExecutor
 
     if args.no_attention:
@@ -51,10 +61,13 @@ def main(argv=None) -> None:
         "prefill, 4 prompts of 128": lambda: [(f, tokens(128)) for f in fresh],
         "prefill, 1 prompt of 512": lambda: [(fresh[0], tokens(512))],
     }
+    gbps = stream_gbps()
+    weights = state_nbytes(ex._state)
     print(f"default model, float32, {args.kv_cache_dtype} KV pages; "
-          f"{'attention replaced by the identity; ' if args.no_attention else ''}median of {args.repeats}")
-    print("| step | tokens | ms |")
-    print("|---|---:|---:|")
+          f"{'attention replaced by the identity; ' if args.no_attention else ''}median of {args.repeats}; "
+          f"weight stream {gbps:.1f} GB/s, weights {weights / 1e6:.0f} MB")
+    print("| step | tokens | ms | roofline ms | written per step (MB) |")
+    print("|---|---:|---:|---:|---:|")
     for name, make in cases.items():
         def run():
             items = make()
@@ -69,8 +82,31 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             n = run()
             times.append(time.perf_counter() - t0)
-        print(f"| {name} | {n} | {statistics.median(times) * 1e3:.1f} |", flush=True)
+        roof = written = ""
+        if name.startswith("decode"):
+            shape = ex.buckets.shape_for(n, n, False)
+            t = traffic(ex._programs[("step", shape)].as_text())
+            kv_read = n * 160 * ex.cfg.num_layers * kv_bytes_per_token(ex.cfg, ex.kv_dtype)
+            roof = f"{(weights + kv_read) / gbps * 1e3 / 1e9:.1f}"
+            written = f"{t.written_bytes / 1e6:.0f}"
+        print(f"| {name} | {n} | {statistics.median(times) * 1e3:.1f} | {roof} | {written} |", flush=True)
 
 
-if __name__ == "__main__":
-    main()
+def stream_gbps(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """This machine's bandwidth for streaming a weight as XLA:CPU reaches it: a `[1, K] x [K, N]`
+    float32 matvec over `nbytes` of matrix (it reads each byte once, on every core); best of
+    `repeats`."""
+    import jax
+    import jax.numpy as jnp
+
+    k = 8192
+    w = jnp.ones((k, nbytes // 4 // k), jnp.float32)
+    x = jnp.ones((1, k), jnp.float32)
+    matvec = jax.jit(lambda x, w: x @ w)
+    matvec(x, w).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matvec(x, w).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9

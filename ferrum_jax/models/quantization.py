@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ferrum_jax.interfaces.errors import FerrumError
-from ferrum_jax.models.grouped_kernels import kernel_project
+from ferrum_jax.models.grouped_kernels import kernel_project, layer_kernel_project
 
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -175,14 +175,22 @@ def project(
     tokens the partial sums would outgrow the weight, so the weight is dequantized once instead.
     backend: the step's `AttentionBackend` (its platform; where it has a `grouped_kernel`,
     grouped codes go to that Pallas kernel at any token count, see grouped_kernels), and
-    parallel: "column" or "row", how tensor parallelism splits this layer (models.sharding)."""
+    parallel: "column" or "row", how tensor parallelism splits this layer (models.sharding).
+    On GPU a decode step's float and per-channel int8 decoder weights go to a kernel that reads
+    the layer from the stack (grouped_kernels.layer_kernel_project): XLA's gemm would copy it."""
     w = weight[...]
     out_shape = w.shape[n_in:]
     t, k = x_tk.shape
+    s_value = None if scale is None else scale.get_value()
+    per_channel = scale is not None and w.dtype == jnp.int8 and s_value.ndim == len(out_shape)
+    if backend is not None and (scale is None or per_channel):
+        y = layer_kernel_project(x_tk, weight.get_value(), s_value, n_in, dtype, out_dtype, backend, parallel)
+        if y is not None:
+            return y
     if scale is None:
         return jnp.dot(x_tk, w.reshape(k, -1), preferred_element_type=out_dtype).reshape(t, *out_shape)
     s = scale[...]
-    if w.dtype == jnp.int8 and s.ndim == len(out_shape):
+    if per_channel:
         # Per-output-channel scales commute with the contraction: scaling the `[tokens, out]`
         # result leaves the dot a bare convert to fuse. Scaling the weight first made XLA:GPU
         # write a dequantized copy of Llama-3-8B's lm_head (1.05 GB) every step.

@@ -1,0 +1,99 @@
+"""A roofline for each compiled step program: the HBM bytes and FLOPs it must move and do, what it
+moves beyond that, and the step time and tokens/s they predict on the target chip.
+
+Per device, for a step of T tokens in S sequences (T/S new tokens each) that each hold
+`context_len` tokens of KV:
+  weights      every parameter the device holds, read once;
+  kv read      each sequence's context once per layer (a sliding-window layer its window);
+  kv written   T tokens' K and V in every layer;
+  logits       the float32 logits rows the step returns;
+  activations  what a layer must write per token (hidden states, q/k/v, the attention output,
+               the MLP's gate/up/product), written once and read back once;
+  excess       every other byte the program writes (aot.hlo_traffic: each instruction's
+               result, loop bodies times their trip counts), written and read back: copies of
+               weights out of the layer stack, relayouts, spills; and what async copies bring
+               into TPU VMEM (weights already read once).
+Predicted time: the larger of (weights + kv read + 2 x everything written + VMEM fills) / HBM
+bandwidth and
+FLOPs / the bf16 peak (weight-only quantized matmuls compute in bf16). FLOPs: 2 x the matmul
+parameters a device holds (the decoder layers' linear weights, the lm_head on the logits rows)
+per token, plus the attention's 4 x heads x head_dim x context per token and layer. Beside them,
+`hlo_dot_flops` is what the program's dots and convolutions do (hlo_traffic); XLA:TPU writes small
+matvecs as multiply-reduce fusions, which it does not count, so it is a lower bound there.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ferrum_jax.aot.hlo_traffic import traffic
+from ferrum_jax.aot.programs import CompiledProgram, Limits
+from ferrum_jax.aot.targets import Target
+from ferrum_jax.kv.pages import kv_cache_dtype
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.sharding import kv_rows
+
+
+def _activation_bytes_per_token(cfg: ModelConfig, tp: int, itemsize: int) -> int:
+    """What one layer writes per token that it must: residual stream, norms, projections' outputs."""
+    per_layer = (8 * cfg.hidden_size + (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim // tp
+                 + 3 * cfg.intermediate_size // tp)  # fmt: skip
+    return cfg.num_layers * per_layer * itemsize
+
+
+def _layer_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of the decoder layers' linear projections (q, k, v, o, gate, up, down)."""
+    attention = cfg.hidden_size * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    return cfg.num_layers * (attention + 3 * cfg.hidden_size * cfg.intermediate_size)
+
+
+def program_roofline(cfg: ModelConfig, limits: Limits, target: Target, program: CompiledProgram,
+                     weight_bytes: int, context_len: int) -> dict:
+    """The roofline of one step program (see the module docstring); bytes and FLOPs per device."""
+    shape = program.shape
+    tokens, seqs, rows = shape.tokens, shape.seqs, shape.logit_rows
+    tp = limits.tensor_parallel_size
+    itemsize = jnp.dtype(limits.dtype).itemsize
+    kv_token = 2 * (kv_rows(cfg, tp) // tp) * cfg.head_dim * kv_cache_dtype(limits.kv_cache_dtype, limits.dtype).itemsize
+    context_tokens = sum(min(context_len, w or context_len) for w in cfg.sliding_windows)
+    kv_read = seqs * context_tokens * kv_token
+    kv_written = tokens * cfg.num_layers * kv_token
+    logits = rows * cfg.vocab_size * 4
+    activations = tokens * _activation_bytes_per_token(cfg, tp, itemsize)
+    t = traffic(program.hlo)
+    excess_written = max(0, t.written_bytes - kv_written - logits - activations)
+    excess = 2 * excess_written + t.vmem_fill_bytes
+    hbm = weight_bytes + kv_read + 2 * t.written_bytes + t.vmem_fill_bytes
+    attention_flops = 4 * (cfg.num_heads // tp) * cfg.head_dim * tokens * (context_tokens + cfg.num_layers * tokens // seqs)
+    flops = 2 * tokens * _layer_matmul_params(cfg) / tp + 2 * rows * cfg.vocab_size * cfg.hidden_size / tp + attention_flops
+    memory_s = hbm / (target.hbm_gbps * 1e9)
+    compute_s = flops / (target.bf16_tflops * 1e12)
+    step_s = max(memory_s, compute_s)
+    return {
+        "program": f"{program.kind}_{program.bucket}",
+        "tokens": tokens,
+        "seqs": seqs,
+        "weight_bytes": weight_bytes,
+        "kv_read_bytes": kv_read,
+        "kv_written_bytes": kv_written,
+        "logits_bytes": logits,
+        "activation_bytes": 2 * activations,
+        "excess_bytes": excess,
+        "excess_of_weights": round(excess / weight_bytes, 4),
+        "hbm_bytes": hbm,
+        "flops": flops,
+        "hlo_dot_flops": t.dot_flops,
+        "bound": "memory" if memory_s >= compute_s else "compute",
+        "predicted_ms": round(step_s * 1e3, 4),
+        "predicted_tokens_per_s": round(tokens / step_s, 1),
+        "largest_writes": [f"{k}: {b} B x {n}" for k, b, n in t.largest_writes[:4]],
+    }
+
+
+def decode_programs(roofs: list[dict], max_num_seqs: int) -> dict[str, dict]:
+    """The decode steps at 1 and at max_num_seqs sequences (one token each), where compiled."""
+    out = {}
+    for r in roofs:
+        if r["tokens"] == r["seqs"] and r["seqs"] in (1, max_num_seqs):
+            out.setdefault(f"decode_{r['seqs']}", r)
+    return out
