@@ -12,11 +12,12 @@
     startup         startup.py       default model load and time to a healthy server
     hlo             hlo.py           the compiled batch-1 decode step's HLO, for hlo_bytes.py
     host            host.py          host time per engine step, sync vs async (tiny preset)
-    steps           steps.py         step time by batch composition (default model)
+    steps           steps.py         step time by batch composition (default model), decode against its floor
     cpu-attention   cpu_attention.py decode attention alone on XLA:CPU, XLA path vs the C++ kernel
     int4-forms      int4_forms.py    which int4 matmul forms XLA:TPU/GPU fuse (compile-only)
     timeline        timeline.py      a serving run step by step: time by kind of step (default model)
     gpu-attention   gpu_attention.py the GPU attention kernel's correctness and speed
+    gpu             gpu.py           a random Llama-3-8B-shaped model on the accelerator: decode/prefill tok/s, % of HBM
 
 None of them is part of the test suite; each module's docstring says what it measures and how.
 """

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "int4-forms": "int4_forms",
     "timeline": "timeline",
     "gpu-attention": "gpu_attention",
+    "gpu": "gpu",
 }
 
 
