@@ -114,6 +114,20 @@ def test_llama3_8b_int4_on_tpu_reads_uint4_codes_in_the_pallas_kernel(tmp_path, 
 
 
 @needs_cuda
+def test_llama3_8b_prefill_on_gpu_does_the_flops_of_its_parameters(tmp_path):
+    """A 128-token step (past the layer kernel's 64 rows: XLA's gemm) multiplies exactly what the
+    parameters say: 2 x the layers' linear weights x tokens, plus the lm_head's row, counted from
+    the compiled HLO once per layer (aot.hlo_traffic) against the hand count of Llama-3-8B."""
+    code, report, _ = aot(tmp_path, "--target", "gpu-h100", "--model", LLAMA_8B, "--max-model-len", "2048",
+                          "--max-num-seqs", "1", "--max-num-batched-tokens", "128", "--programs", "logits_last")  # fmt: skip
+    assert code == 0, report
+    linear = 32 * (4096 * (2 * 32 + 2 * 8) * 128 + 3 * 4096 * 14336)
+    (prefill,) = [r for r in report["roofline"] if r["tokens"] == 128]
+    want = 2 * linear * 128 + 2 * 128256 * 4096
+    assert abs(prefill["hlo_dot_flops"] / want - 1) < 0.10, (prefill["hlo_dot_flops"], want)
+
+
+@needs_cuda
 def test_llama3_8b_int8_on_gpu_reads_each_layer_in_place(tmp_path):
     """Per-channel int8 decoder weights on GPU go to the layer kernel too (codes read from the
     stack, the column scales applied in the kernel): XLA's gemm copied each layer's codes out of

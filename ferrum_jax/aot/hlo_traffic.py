@@ -136,6 +136,7 @@ def _trip_count(computations: dict[str, list[_Instruction]], caller: str, loop: 
 
 
 def traffic(hlo: str) -> Traffic:
+    """What the compiled module `hlo` (its `as_text()`) writes and multiplies per execution."""
     computations, entry = _parse(hlo)
     shapes = {c: {i.name: i.shape for i in body} for c, body in computations.items()}
     writes: dict[str, list] = {}
