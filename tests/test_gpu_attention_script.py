@@ -1,20 +1,10 @@
 """`python -m ferrum_jax.bench gpu-attention --smoke` runs on CPU and writes the JSON the GPU run will write."""
 
-import json
-import os
-import subprocess
-import sys
-
-
+from bench_smoke import run_smoke
 
 
 def test_smoke_run_writes_expected_json(tmp_path):
-  out = tmp_path / "results.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "ferrum_jax.bench", "gpu-attention", "--smoke", "--out", str(out)], env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  result = json.loads(out.read_text())
+  result = run_smoke("gpu-attention", tmp_path / "results.json")
   assert {"device_kind", "platform", "jax_version", "jaxlib_version", "smoke", "interpret",
           "config", "correctness", "copy_bandwidth", "timings", "failures"} <= set(result)
   assert result["smoke"] and result["interpret"] and result["failures"] == []
