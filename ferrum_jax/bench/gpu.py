@@ -40,9 +40,7 @@ def main(argv=None) -> None:
         args.batches, args.context, args.prefill, args.repeats = [1, 2], 24, 32, 2
 
     import jax
-    import numpy as np
 
-    from ferrum_jax.executor.jax_executor import JaxModelExecutor
     from ferrum_jax.executor.presets import load_preset
     from ferrum_jax.models import registry
 
@@ -53,14 +51,17 @@ def main(argv=None) -> None:
           f"{cfg.hidden_size}; HBM {peak or '?'} GB/s")
     results = {"device": device.device_kind, "jax": jax.__version__, "hbm_gbps": peak, "runs": []}
     for attention in args.attention:
-        results["runs"].append(run(JaxModelExecutor, cfg, attention, args, peak, np))
+        results["runs"].append(run(cfg, attention, args, peak))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 
 
-def run(executor_cls, cfg, attention: str, args, peak: float | None, np) -> dict:
+def run(cfg, attention: str, args, peak: float | None) -> dict:
     import asyncio
 
+    import numpy as np
+
+    from ferrum_jax.executor.jax_executor import JaxModelExecutor
     from ferrum_jax.interfaces import UnifiedBatchItem
     from ferrum_jax.kv.pages import kv_bytes_per_token
     from ferrum_jax.models.param_tree import state_nbytes
@@ -68,7 +69,7 @@ def run(executor_cls, cfg, attention: str, args, peak: float | None, np) -> dict
 
     max_batch = max(args.batches)
     t0 = time.perf_counter()
-    ex = executor_cls.from_config(
+    ex = JaxModelExecutor.from_config(
         cfg, seed=0, attention=attention, max_batch_size=max_batch, max_sequence_length=args.context + args.prefill + 8,
         max_num_batched_tokens=max(args.prefill, max_batch, 16),
     )

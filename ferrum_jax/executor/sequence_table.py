@@ -15,6 +15,7 @@ to the next step is unknown on the host until its step is read (`resolve`).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 
@@ -146,10 +147,10 @@ class SequenceTable:
                 f"({seq.num_tokens} cached + {new_tokens} new), over max_sequence_length={self.max_sequence_length}"
             )
 
-    def _passed(self, seq: Sequence, group: int) -> list[int]:
+    def _passed(self, seq: Sequence, group: int) -> range:
         """Indices of the held pages of `group` no query from the sequence's next token on reads."""
-        first = self.cache.first_read(group, seq.num_tokens)
-        return [j for j in range(min(first, len(seq.tables[group]))) if seq.tables[group][j] != PASSED]
+        table = seq.tables[group]
+        return range(_first_held(table), min(self.cache.first_read(group, seq.num_tokens), len(table)))
 
     def pages_needed(self, seq: Sequence, total_tokens: int) -> int:
         """Pages the sequence must gain to hold `total_tokens`, less those its windows give back
@@ -191,8 +192,8 @@ class SequenceTable:
             )
         keep = -(-new_len // self.page_size)
         for group, table in enumerate(seq.tables):
-            if PASSED in table[self.cache.first_read(group, new_len) : keep]:
-                held = next((j for j, p in enumerate(table) if p != PASSED), len(table))
+            held = _first_held(table)
+            if min(held, keep) > self.cache.first_read(group, new_len):
                 raise FerrumError.invalid_request(
                     f"truncate_kv to {new_len} tokens: sequence {seq.cache_id!r} keeps the KV of its layers with "
                     f"sliding window {self.windows[group]} from position {held * self.page_size} on, and the next "
@@ -242,3 +243,9 @@ class SequenceTable:
     def release_all(self) -> None:
         for cache_id in list(self._seqs):
             self.release(cache_id)
+
+
+def _first_held(table: list[int]) -> int:
+    """The index of a page table's first held page: a window passes pages oldest first, so the
+    PASSED entries are a prefix (binary search: this runs for every sequence of every step)."""
+    return bisect.bisect_left(range(len(table)), True, key=lambda j: table[j] != PASSED)

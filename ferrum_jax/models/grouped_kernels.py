@@ -1,4 +1,6 @@
-"""Grouped quantized matmuls (int4, grouped int8) through the platform's Pallas kernel.
+"""Grouped quantized matmuls (int4, grouped int8) through the platform's Pallas kernel, and on
+GPU one layer of a stacked float or per-channel int8 weight through the layer kernel
+(`layer_kernel_project`), each read where it lies in the stack.
 
 `kernel_project` is `quantization.project`'s route to pallas_kernels.grouped_matmul: the Triton
 kernel over packed nibbles or int8 codes on GPU, the Mosaic kernel over `uint4` or int8 codes on
