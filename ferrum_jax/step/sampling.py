@@ -148,16 +148,22 @@ def apply_penalties(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
     is_output = valid & (jnp.arange(hist.shape[1])[None, :] >= s.num_prompt[:, None])
     idx = jnp.where(valid, hist, 0)
     row_idx = jnp.broadcast_to(jnp.arange(rows)[:, None], hist.shape)
-    out_counts = jnp.zeros((rows, vocab), jnp.float32).at[row_idx, idx].add(is_output.astype(jnp.float32))
-    seen = jnp.zeros((rows, vocab), jnp.bool_).at[row_idx, idx].max(valid)
+    # int32 scatter-adds: XLA:TPU compiled a float32 scatter-add and a bool scatter-max of a
+    # 16 x 2048 history into 128k-vocab tables in 1.8 + 1.3 s, an int32 one in 0.3 s.
+    out_counts = _count(row_idx, idx, is_output, vocab)
+    seen = _count(row_idx, idx, valid, vocab) > 0
     rp = s.repetition_penalty[:, None]
     logits_rv = jnp.where(seen, jnp.where(logits_rv > 0, logits_rv / rp, logits_rv * rp), logits_rv)
     logits_rv = logits_rv - s.frequency_penalty[:, None] * out_counts
     logits_rv = logits_rv - s.presence_penalty[:, None] * (out_counts > 0)
-    banned_mask = jnp.zeros((rows, vocab), jnp.bool_).at[
-        jnp.broadcast_to(jnp.arange(rows)[:, None], s.banned.shape), jnp.where(s.banned >= 0, s.banned, 0)
-    ].max(s.banned >= 0)
+    banned_rows = jnp.broadcast_to(jnp.arange(rows)[:, None], s.banned.shape)
+    banned_mask = _count(banned_rows, jnp.where(s.banned >= 0, s.banned, 0), s.banned >= 0, vocab) > 0
     return jnp.where(banned_mask, -jnp.inf, logits_rv)
+
+
+def _count(row_idx: jax.Array, idx: jax.Array, hit: jax.Array, vocab: int) -> jax.Array:
+    """`[rows, vocab]` int32: how often each id occurs in its row where `hit`."""
+    return jnp.zeros((row_idx.shape[0], vocab), jnp.int32).at[row_idx, idx].add(hit.astype(jnp.int32))
 
 
 def _ordered_key(x: jax.Array) -> jax.Array:
@@ -246,7 +252,11 @@ def _masked_and_penalised(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
 def processed_logits(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
     """The logits a row actually samples from: penalties, temperature, top-k/top-p, min-p.
     Greedy rows (temperature 0) keep only their argmax."""
-    logits_rv = _masked_and_penalised(logits_rv, s)
+    return _filtered(_masked_and_penalised(logits_rv, s), s)
+
+
+def _filtered(logits_rv: jax.Array, s: SamplingBatch) -> jax.Array:
+    """Temperature, top-k/top-p and min-p over masked and penalised logits."""
     greedy = jax.nn.one_hot(argmax_rows(logits_rv), logits_rv.shape[1], dtype=jnp.bool_)
     temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     scaled = logits_rv / temp
@@ -271,14 +281,15 @@ def sample(logits_rv: jax.Array, s: SamplingBatch) -> SampledTokens:
         key = jax.random.fold_in(jax.random.key(seed), step)
         return jax.random.gumbel(key, (logits_rv.shape[1],), jnp.float32)
 
-    def drawn(logits_rv):
+    def drawn(penalised_rv):
         # Greedy rows have one finite logit, so the noise cannot move their argmax.
-        return argmax_rows(processed_logits(logits_rv, s) + jax.vmap(gumbel)(s.seed, s.step))
+        return argmax_rows(_filtered(penalised_rv, s) + jax.vmap(gumbel)(s.seed, s.step))
 
     # An all-greedy batch skips temperature, top-k/top-p, min-p and the noise (a random number
     # per logit): most of the sampler's time, ~40 of 42 ms for 32 rows of 49k logits on CPU.
-    tokens = jax.lax.cond(jnp.any(s.temperature > 0), drawn,
-                          lambda x: argmax_rows(_masked_and_penalised(x, s)), logits_rv)
+    # The penalties come first, outside the branches, so they are compiled once.
+    penalised = _masked_and_penalised(logits_rv, s)
+    tokens = jax.lax.cond(jnp.any(s.temperature > 0), drawn, argmax_rows, penalised)
 
     top_lp, top_ids = jax.lax.top_k(raw_logprobs, min(NUM_TOP_LOGPROBS, logits_rv.shape[1]))
     chosen_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
