@@ -22,8 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_8B = str(REPO / "configs" / "models" / "llama-3-8b")
 LLAMA_70B = str(REPO / "configs" / "models" / "llama-3-70b")
-# Few buckets: decode at 1, 2, 4 sequences, and 16-token steps of 1 and 4 sequences (mixed and
-# prefill-shaped), at Llama-3's full context.
+# Few buckets, at Llama-3's full context: on a TPU or GPU one 16-token step of up to 4 sequences,
+# which also serves decodes of 1-4 (batch.step_cost: below the ridge, padding costs nothing).
 SMALL = ["--max-model-len", "8192", "--max-num-seqs", "4", "--max-num-batched-tokens", "16", "--programs", "logits_last"]
 KERNEL_CALL = {"tpu": 'custom_call_target="tpu_custom_call"', "gpu": 'custom_call_target="__gpu$xla.gpu.triton"'}
 
@@ -67,7 +67,7 @@ def test_attention_kernel_compiles_for_the_target(target):
 def test_llama3_8b_step_compiles_fits_and_copies_no_kv(tmp_path, target, platform):
     code, report, hlo = aot(tmp_path, "--target", target, "--model", LLAMA_8B, *SMALL, "--num-pages", "2048")
     assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
-    assert sorted(hlo) == ["step_t16_s1_l1", "step_t16_s4_l4", "step_t1_s1_l1", "step_t2_s2_l2", "step_t4_s4_l4"]
+    assert sorted(hlo) == ["step_t16_s4_l4"]
     for name, text in hlo.items():
         assert KERNEL_CALL[platform] in text, f"{name}: the {platform} attention kernel is not in the program"
     # bfloat16 Llama-3-8B: 8.03e9 parameters; the pool 2 x 32 layers x 2048 pages x 16 x 8 x 128 x 2 bytes.
@@ -162,7 +162,7 @@ def test_llama3_70b_tp8_has_two_all_reduces_per_layer(tmp_path):
         "--max-num-seqs", "1", "--max-num-batched-tokens", "16", "--num-pages", "4096", "--programs", "logits_last",
     )  # fmt: skip
     assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
-    assert len(hlo) == 2
+    assert len(hlo) == 1
     for name, text in hlo.items():
         # The scanned layer body is the while loop's: attention's output projection and the MLP's down projection.
         in_layers = [line for line in text.splitlines() if re.search(r"\ball-reduce(-start)?\(", line) and "/while/" in line]

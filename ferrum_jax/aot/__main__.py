@@ -28,13 +28,22 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from ferrum_jax.batch.buckets import BucketSpec
 from ferrum_jax.aot.hlo_checks import kv_pool_copies
-from ferrum_jax.aot.roofline import decode_programs, program_roofline
-from ferrum_jax.aot.programs import CompiledProgram, Limits, compile_all, count_programs, dump_hlo, kv_page_shape, target_mesh
+from ferrum_jax.aot.roofline import decode_rooflines, program_roofline
+from ferrum_jax.aot.programs import (
+    CompiledProgram,
+    Limits,
+    compile_all,
+    dump_hlo,
+    kv_page_shape,
+    program_set,
+    target_mesh,
+)
 from ferrum_jax.aot.targets import GiB, TARGETS, Target, get_target
 from ferrum_jax.executor.compile_cache import enable_persistent_cache
 from ferrum_jax.executor.platform_defaults import default_dtype, default_max_num_batched_tokens
-from ferrum_jax.executor.program_plan import PROGRAM_FAMILIES, target_programs
+from ferrum_jax.executor.program_plan import PROGRAM_FAMILIES, num_programs, target_programs
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models import registry
 from ferrum_jax.models.config import ModelConfig
@@ -112,8 +121,8 @@ def _shard_elements(shape, sharding) -> int:
     return math.prod(sharding.shard_shape(tuple(shape)))
 
 
-def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[CompiledProgram], weights: int,
-           context_len: int) -> dict:
+def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[CompiledProgram], buckets: BucketSpec,
+           weights: int, context_len: int) -> dict:
     """The summary printed and written to --json."""
     tp = limits.tensor_parallel_size
     pool_shape = kv_page_shape(cfg, limits)
@@ -156,7 +165,7 @@ def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[Comp
         "kv_pool_copy_lines": [line for c in copies.values() for line in c[:3]][:10],
         "context_len": context_len,
         "roofline": roofs,
-        "decode": decode_programs(roofs, limits.max_num_seqs),
+        "decode": decode_rooflines(cfg, limits, target, programs, buckets, weights, context_len),
     }
 
 
@@ -165,7 +174,7 @@ def _gib(n: int) -> str:
 
 
 def print_roofline(r: dict, target: Target) -> None:
-    print(f"\nroofline on {target.name} ({target.hbm_gbps:g} GB/s, {target.bf16_tflops:g} bf16 TFLOP/s), "
+    print(f"\nroofline on {target.name} ({target.chip.hbm_gbps:g} GB/s, {target.chip.bf16_tflops:g} bf16 TFLOP/s), "
           f"context {r['context_len']} tokens; GiB per device:")
     print("| program | weights | KV read | KV written | activations | excess (of weights) | GFLOP | bound | ms | tok/s |\n"
           "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
@@ -174,7 +183,7 @@ def print_roofline(r: dict, target: Target) -> None:
               f"{_gib(x['activation_bytes'])} | {_gib(x['excess_bytes'])} ({100 * x['excess_of_weights']:.1f}%) | "
               f"{x['flops'] / 1e9:.1f} | {x['bound']} | {x['predicted_ms']:.3f} | {x['predicted_tokens_per_s']:g} |")
     for name, x in r["decode"].items():
-        print(f"{name}: predicted {x['predicted_tokens_per_s']:g} tok/s; largest writes: {'; '.join(x['largest_writes'][:2])}")
+        print(f"{name} (in {x['program']}): predicted {x['predicted_tokens_per_s']:g} tok/s; largest writes: {'; '.join(x['largest_writes'][:2])}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,9 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     limits = resolve_limits(s, target, cfg)
     devices = target.devices()
     programs = tuple(args.programs or target_programs(s.speculative_method is not None))
-    total = count_programs(limits, programs)
+    ps = program_set(cfg, limits, devices)
+    b = ps.buckets
     print(f"{target.name}: {len(devices)} x {devices[0].device_kind}, {_gib(target.usable_bytes)} GiB usable per device")
-    print(f"limits: {vars(limits)}; {total} programs ({', '.join(programs)})", flush=True)
+    print(f"limits: {vars(limits)}; {sum(num_programs(b, programs))} programs ({', '.join(programs)})\n"
+          f"buckets (batch.step_cost: ridge {b.cost.ridge_tokens:.0f} tokens, a logit row {b.cost.row_tokens:.3f} tokens): "
+          f"decode {list(b.decode_buckets)}; sequences per token bucket "
+          f"{ {t: list(b.step_seq_buckets(t, False)) for t in b.token_buckets} }", flush=True)
     print("| program | compile s | args GiB | out GiB | temp GiB | peak GiB |\n|---|---:|---:|---:|---:|---:|", flush=True)
 
     def row(c: CompiledProgram):
@@ -210,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{_gib(c.temp_bytes)} | {_gib(c.peak_bytes)} |", flush=True)  # fmt: skip
 
     try:
-        compiled = compile_all(cfg, limits, devices, programs, row)
+        compiled = compile_all(ps, programs, row)
     except FerrumError:
         raise  # a configuration error, said as such
     except Exception as e:  # XLA / Mosaic / Triton compile failures
@@ -222,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.dump_hlo:
         dump_hlo(compiled, args.dump_hlo)
-    r = report(cfg, limits, target, compiled, weight_bytes_per_device(cfg, limits, devices),
+    r = report(cfg, limits, target, compiled, b, weight_bytes_per_device(cfg, limits, devices),
                args.context_len or limits.max_model_len // 2)
     print_roofline(r, target)
     print(

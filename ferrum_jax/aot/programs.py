@@ -22,8 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ferrum_jax.batch.buckets import BucketSpec, StepShape
 from ferrum_jax.batch.ragged import NO_FEED, Feed
-from ferrum_jax.executor.platform_defaults import resolve_attention
-from ferrum_jax.executor.program_plan import ProgramInputs, StepFunctions, compile_programs, num_programs
+from ferrum_jax.executor.platform_defaults import resolve_attention, step_cost
+from ferrum_jax.executor.program_plan import ProgramInputs, StepFunctions, compile_programs
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.kv.layout import kv_layout
 from ferrum_jax.kv.pages import abstract_kv_pages, kv_cache_dtype
@@ -113,21 +113,35 @@ def abstract_inputs(cfg: ModelConfig, limits: Limits, mesh: Mesh, backend: Atten
     return graphdef, ProgramInputs(state, kv, no_feed, cfg.vocab_size, limits.max_model_len)
 
 
-def compile_all(
-    cfg: ModelConfig, limits: Limits, devices: list, programs: tuple[str, ...],
-    progress: Callable[[CompiledProgram], None] = lambda p: None,
-) -> list[CompiledProgram]:
-    """Compiles every program of the `programs` families for `devices`; a program that fails to
-    compile raises (XLA's and Mosaic's errors name the op)."""
+@dataclasses.dataclass(frozen=True)
+class ProgramSet:
+    """What a server on the target would compile its programs against."""
+
+    mesh: Mesh
+    backend: AttentionBackend
+    graphdef: object
+    inputs: ProgramInputs
+    buckets: BucketSpec
+
+
+def program_set(cfg: ModelConfig, limits: Limits, devices: list) -> ProgramSet:
     check_divisible(cfg, limits.tensor_parallel_size)
     mesh = target_mesh(devices, limits.tensor_parallel_size)
-    platform = mesh.devices.flat[0].platform
-    backend = AttentionBackend(resolve_attention(limits.attention, platform), mesh)
+    backend = AttentionBackend(resolve_attention(limits.attention, mesh.devices.flat[0].platform), mesh)
+    graphdef, inputs = abstract_inputs(cfg, limits, mesh, backend, limits.max_num_seqs)
     buckets = BucketSpec(limits.max_num_batched_tokens, limits.max_num_seqs, -(-limits.max_model_len // limits.page_size),
-                         kv_layout(cfg).num_groups)
-    graphdef, inputs = abstract_inputs(cfg, limits, mesh, backend, buckets.max_num_seqs)
-    fns = StepFunctions(make_ragged_step(graphdef, backend), make_sampler(backend, buckets.max_num_seqs), jax.jit(sampling_probs))
-    replicated = NamedSharding(mesh, PartitionSpec())
+                         step_cost(cfg, inputs.state, mesh.devices.flat[0]), kv_layout(cfg).num_groups)
+    return ProgramSet(mesh, backend, graphdef, inputs, buckets)
+
+
+def compile_all(
+    ps: ProgramSet, programs: tuple[str, ...], progress: Callable[[CompiledProgram], None] = lambda p: None,
+) -> list[CompiledProgram]:
+    """Compiles every program of the `programs` families; a program that fails to compile raises
+    (XLA's and Mosaic's errors name the op)."""
+    fns = StepFunctions(make_ragged_step(ps.graphdef, ps.backend), make_sampler(ps.backend, ps.buckets.max_num_seqs),
+                        jax.jit(sampling_probs))
+    replicated = NamedSharding(ps.mesh, PartitionSpec())
     out: list[CompiledProgram] = []
 
     def abstract(x):
@@ -151,13 +165,8 @@ def compile_all(
         progress(out[-1])
         return compiled
 
-    compile_programs(compile, fns, inputs, buckets, programs)
+    compile_programs(compile, fns, ps.inputs, ps.buckets, programs)
     return out
-
-
-def count_programs(limits: Limits, programs: tuple[str, ...]) -> int:
-    buckets = BucketSpec(limits.max_num_batched_tokens, limits.max_num_seqs, -(-limits.max_model_len // limits.page_size))
-    return sum(num_programs(buckets, programs))
 
 
 def dump_hlo(compiled: list[CompiledProgram], directory: Path) -> None:

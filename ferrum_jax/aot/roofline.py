@@ -29,8 +29,10 @@ import jax.numpy as jnp
 from ferrum_jax.aot.hlo_traffic import traffic
 from ferrum_jax.aot.programs import CompiledProgram, Limits
 from ferrum_jax.aot.targets import Target
+from ferrum_jax.batch.buckets import BucketSpec
 from ferrum_jax.kv.pages import kv_cache_dtype
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.registry import declarations
 from ferrum_jax.models.sharding import kv_rows
 
 
@@ -41,17 +43,15 @@ def _activation_bytes_per_token(cfg: ModelConfig, tp: int, itemsize: int) -> int
     return cfg.num_layers * per_layer * itemsize
 
 
-def _layer_matmul_params(cfg: ModelConfig) -> int:
-    """Weights of the decoder layers' linear projections (q, k, v, o, gate, up, down)."""
-    attention = cfg.hidden_size * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    return cfg.num_layers * (attention + 3 * cfg.hidden_size * cfg.intermediate_size)
-
-
 def program_roofline(cfg: ModelConfig, limits: Limits, target: Target, program: CompiledProgram,
-                     weight_bytes: int, context_len: int) -> dict:
-    """The roofline of one step program (see the module docstring); bytes and FLOPs per device."""
+                     weight_bytes: int, context_len: int, served: tuple[int, int] | None = None) -> dict:
+    """The roofline of one step program (see the module docstring); bytes and FLOPs per device.
+    served: the (tokens, sequences) of the batch run in it (default: the bucket's); padding
+    tokens and rows are computed, but only served sequences read KV and only served tokens count
+    in tokens/s."""
     shape = program.shape
     tokens, seqs, rows = shape.tokens, shape.seqs, shape.logit_rows
+    served_tokens, seqs = served or (tokens, seqs)
     tp = limits.tensor_parallel_size
     itemsize = jnp.dtype(limits.dtype).itemsize
     kv_token = 2 * (kv_rows(cfg, tp) // tp) * cfg.head_dim * kv_cache_dtype(limits.kv_cache_dtype, limits.dtype).itemsize
@@ -64,14 +64,15 @@ def program_roofline(cfg: ModelConfig, limits: Limits, target: Target, program: 
     excess_written = max(0, t.written_bytes - kv_written - logits - activations)
     excess = 2 * excess_written + t.vmem_fill_bytes
     hbm = weight_bytes + kv_read + 2 * t.written_bytes + t.vmem_fill_bytes
-    attention_flops = 4 * (cfg.num_heads // tp) * cfg.head_dim * tokens * (context_tokens + cfg.num_layers * tokens // seqs)
-    flops = 2 * tokens * _layer_matmul_params(cfg) / tp + 2 * rows * cfg.vocab_size * cfg.hidden_size / tp + attention_flops
-    memory_s = hbm / (target.hbm_gbps * 1e9)
-    compute_s = flops / (target.bf16_tflops * 1e12)
+    attention_flops = 4 * (cfg.num_heads // tp) * cfg.head_dim * served_tokens * (
+        context_tokens + cfg.num_layers * served_tokens // seqs)
+    flops = 2 * tokens * declarations(cfg).layer_matmul_parameters() / tp + 2 * rows * cfg.vocab_size * cfg.hidden_size / tp + attention_flops
+    memory_s = hbm / (target.chip.hbm_gbps * 1e9)
+    compute_s = flops / (target.chip.bf16_tflops * 1e12)
     step_s = max(memory_s, compute_s)
     return {
         "program": f"{program.kind}_{program.bucket}",
-        "tokens": tokens,
+        "tokens": served_tokens,
         "seqs": seqs,
         "weight_bytes": weight_bytes,
         "kv_read_bytes": kv_read,
@@ -85,15 +86,19 @@ def program_roofline(cfg: ModelConfig, limits: Limits, target: Target, program: 
         "hlo_dot_flops": t.dot_flops,
         "bound": "memory" if memory_s >= compute_s else "compute",
         "predicted_ms": round(step_s * 1e3, 4),
-        "predicted_tokens_per_s": round(tokens / step_s, 1),
+        "predicted_tokens_per_s": round(served_tokens / step_s, 1),
         "largest_writes": [f"{k}: {b} B x {n}" for k, b, n in t.largest_writes[:4]],
     }
 
 
-def decode_programs(roofs: list[dict], max_num_seqs: int) -> dict[str, dict]:
-    """The decode steps at 1 and at max_num_seqs sequences (one token each), where compiled."""
+def decode_rooflines(cfg: ModelConfig, limits: Limits, target: Target, programs: list[CompiledProgram],
+                     buckets: BucketSpec, weight_bytes: int, context_len: int) -> dict[str, dict]:
+    """Decode steps of one token in each of 1 and max_num_seqs sequences, in the program that
+    serves them (a bucket may pad them: batch.buckets), where it was compiled."""
     out = {}
-    for r in roofs:
-        if r["tokens"] == r["seqs"] and r["seqs"] in (1, max_num_seqs):
-            out.setdefault(f"decode_{r['seqs']}", r)
+    for n in (1, limits.max_num_seqs):
+        shape = buckets.shape_for(n, n, all_rows=False)
+        program = next((p for p in programs if p.shape == shape), None)
+        if program is not None:
+            out[f"decode_{n}"] = program_roofline(cfg, limits, target, program, weight_bytes, context_len, (n, n))
     return out

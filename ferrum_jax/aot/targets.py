@@ -10,9 +10,8 @@ out), Pallas Triton kernels going through Triton -> PTX -> ptxas for the target'
 JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION (0.75 unless set), on TPU the runtime hands
 out all of HBM but keeps a little for itself, taken here as 5%.
 
-`hbm_gbps`, `bf16_tflops`, `int8_tops`: one chip's published memory bandwidth and dense matmul
-peaks (Cloud TPU system-architecture pages; NVIDIA's H100 SXM and A100 80GB SXM datasheets,
-without sparsity), what the roofline (aot.roofline) divides by.
+`chip`: the chip's memory bandwidth and matmul peaks (ferrum_jax.chips), what the roofline
+(aot.roofline) divides by.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import functools
 import os
 from pathlib import Path
 
+from ferrum_jax.chips import CHIPS, Chip
 from ferrum_jax.interfaces.errors import FerrumError
 
 GiB = 1 << 30
@@ -35,9 +35,7 @@ class Target:
     topology: str  # TPU topology name, or the GPU spec file's stem
     chips_per_host: tuple[int, int, int]
     hbm_bytes: int
-    hbm_gbps: float
-    bf16_tflops: float
-    int8_tops: float
+    chip: Chip
 
     @property
     def usable_bytes(self) -> int:
@@ -53,15 +51,15 @@ class Target:
 TARGETS = {
     t.name: t
     for t in (
-        Target("tpu-v5e-1", "tpu", "v5e:1x1", (1, 1, 1), 16 * GiB, 819, 197, 394),
-        Target("tpu-v5e-8", "tpu", "v5e:2x4", (2, 4, 1), 16 * GiB, 819, 197, 394),
-        Target("tpu-v6e-1", "tpu", "v6e:1x1", (1, 1, 1), 32 * GiB, 1640, 918, 1836),
-        Target("tpu-v6e-4", "tpu", "v6e:2x2", (2, 2, 1), 32 * GiB, 1640, 918, 1836),
-        Target("tpu-v6e-8", "tpu", "v6e:2x4", (2, 4, 1), 32 * GiB, 1640, 918, 1836),
+        Target("tpu-v5e-1", "tpu", "v5e:1x1", (1, 1, 1), 16 * GiB, CHIPS["v5e"]),
+        Target("tpu-v5e-8", "tpu", "v5e:2x4", (2, 4, 1), 16 * GiB, CHIPS["v5e"]),
+        Target("tpu-v6e-1", "tpu", "v6e:1x1", (1, 1, 1), 32 * GiB, CHIPS["v6e"]),
+        Target("tpu-v6e-4", "tpu", "v6e:2x2", (2, 2, 1), 32 * GiB, CHIPS["v6e"]),
+        Target("tpu-v6e-8", "tpu", "v6e:2x4", (2, 4, 1), 32 * GiB, CHIPS["v6e"]),
         # v5p-8: 4 chips of 2 TensorCores (megacore), one JAX device each.
-        Target("tpu-v5p-8", "tpu", "v5p:2x2x1", (2, 2, 1), 95 * GiB, 2765, 459, 918),
-        Target("gpu-h100", "cuda", "h100_sxm", (1, 1, 1), 80 * GiB, 3350, 989, 1979),
-        Target("gpu-a100", "cuda", "a100_sxm_80", (1, 1, 1), 80 * GiB, 2039, 312, 624),
+        Target("tpu-v5p-8", "tpu", "v5p:2x2x1", (2, 2, 1), 95 * GiB, CHIPS["v5p"]),
+        Target("gpu-h100", "cuda", "h100_sxm", (1, 1, 1), 80 * GiB, CHIPS["h100"]),
+        Target("gpu-a100", "cuda", "a100_sxm_80", (1, 1, 1), 80 * GiB, CHIPS["a100"]),
     )
 }
 

@@ -22,6 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
+from ferrum_jax.chips import chip_of
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -121,13 +123,9 @@ def run(cfg, attention: str, args, peak: float | None) -> dict:
 
 
 def _hbm_gbps(device_kind: str) -> float | None:
-    """The chip's HBM bandwidth from the compile targets' table, by device kind."""
-    from ferrum_jax.aot.targets import TARGETS
-
-    kinds = {"H100": "gpu-h100", "A100": "gpu-a100", "v5 lite": "tpu-v5e-1", "v6 lite": "tpu-v6e-1", "v5p": "tpu-v5p-8"}
-    name = next((t for k, t in kinds.items() if k.lower() in device_kind.lower()), None)
-    return TARGETS[name].hbm_gbps if name else None
-
+    """The chip's HBM bandwidth (ferrum_jax.chips), by device kind."""
+    chip = chip_of(device_kind)
+    return chip.hbm_gbps if chip else None
 
 if __name__ == "__main__":
     main()

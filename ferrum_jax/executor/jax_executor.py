@@ -27,7 +27,12 @@ from ferrum_jax.batch.buckets import BucketSpec, StepShape
 from ferrum_jax.batch.ragged import NO_FEED, Feed, SequenceChunk, build_feed, build_ragged_batch
 from ferrum_jax.executor.compile_cache import enable_persistent_cache
 from ferrum_jax.executor.launched_step import ForwardStep, LaunchedStep, SampledToken
-from ferrum_jax.executor.platform_defaults import default_dtype, default_max_num_batched_tokens, resolve_attention
+from ferrum_jax.executor.platform_defaults import (
+    default_dtype,
+    default_max_num_batched_tokens,
+    resolve_attention,
+    step_cost,
+)
 from ferrum_jax.executor.program_plan import (
     PROGRAM_FAMILIES,
     ProgramInputs,
@@ -149,7 +154,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         if max_num_batched_tokens is None:
             max_num_batched_tokens = default_max_num_batched_tokens(platform)
         self.kv_layout = kv_layout(cfg)
-        self.buckets = BucketSpec(max_num_batched_tokens, max_batch_size, pages_per_seq, self.kv_layout.num_groups)
+        self.buckets = BucketSpec(max_num_batched_tokens, max_batch_size, pages_per_seq,
+                                  step_cost(cfg, state, self.mesh.devices.flat[0]), self.kv_layout.num_groups)
         if num_pages is None:
             num_pages = self.kv_layout.default_num_pages(max_batch_size, max_sequence_length, page_size, max_num_batched_tokens)
         self._graphdef = graphdef

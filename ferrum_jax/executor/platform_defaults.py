@@ -7,9 +7,15 @@ gets exactly what a server on that chip would run.
 
 from __future__ import annotations
 
+import math
+
 import jax
 
+from ferrum_jax.batch.step_cost import StepCost, model_step_cost
+from ferrum_jax.chips import chip_of
 from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.registry import declarations
 
 ATTENTION_CHOICES = ("auto", "xla", "pallas")
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
@@ -38,3 +44,13 @@ def resolve_attention(attention: str, platform: str | None = None) -> str:
 def default_max_num_batched_tokens(platform: str | None = None) -> int:
     """2048 on accelerators; 512 on CPU, where a step's cost grows with every token in it."""
     return 2048 if on_accelerator(platform) else 512
+
+
+def step_cost(cfg: ModelConfig, state, device) -> StepCost:
+    """The bucketing cost model (batch.step_cost) of `cfg` with parameters `state` (arrays or
+    ShapeDtypeStructs: their bytes, quantized or not) on `device`'s chip; a CPU, or a chip
+    missing from ferrum_jax.chips, gets no roofline."""
+    weight_bytes = sum(jax.dtypes.itemsize_bits(x.dtype) * math.prod(x.shape) // 8 for x in jax.tree.leaves(state))
+    chip = chip_of(device.device_kind) if on_accelerator(device.platform) else None
+    return model_step_cost(declarations(cfg).layer_matmul_parameters(), cfg.hidden_size * cfg.vocab_size, weight_bytes,
+                           chip.bf16_tflops * 1e12 if chip else None, chip.hbm_gbps * 1e9 if chip else None)

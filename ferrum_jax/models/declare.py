@@ -132,6 +132,10 @@ class Declarations:
         """Float parameters (a tied lm_head is not declared, so not counted twice)."""
         return sum(math.prod(d.shape) * (self.num_layers if d.per_layer else 1) for d in self)
 
+    def layer_matmul_parameters(self) -> int:
+        """The decoder layers' linear weights: what each token multiplies (2 FLOPs a weight)."""
+        return sum(math.prod(d.shape) * self.num_layers for d in self if d.per_layer and d.n_in is not None)
+
     def vocab_axis(self, path: str) -> int | None:
         """The vocabulary axis of `path` counted from the end (a quantized weight's scales end with
         its output axes, so the same index holds for them), or None."""
