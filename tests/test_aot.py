@@ -127,6 +127,27 @@ def test_llama3_8b_prefill_on_gpu_does_the_flops_of_its_parameters(tmp_path):
     assert abs(prefill["hlo_dot_flops"] / want - 1) < 0.10, (prefill["hlo_dot_flops"], want)
 
 
+@needs_tpu
+@pytest.mark.parametrize("target, quantization", [("tpu-v6e-1", None), ("tpu-v5e-1", "int4")])
+def test_llama3_8b_prefill_on_tpu_counts_the_flops_of_its_parameters(tmp_path, target, quantization):
+    """A 128-token step on TPU: the compiled program's dots and convolutions plus its kernels'
+    own CostEstimates (Mosaic keeps them in the custom call: the int4 grouped matmuls, the
+    attention at half the table's capacity, pallas_kernels.cost), each counted once per layer,
+    against the hand count 2 x linear weights x tokens + the lm_head's row + the attention."""
+    flags = ["--quantization", quantization] if quantization else []
+    code, report, _ = aot(tmp_path, "--target", target, "--model", LLAMA_8B, "--max-model-len", "2048", "--max-num-seqs",
+                          "1", "--max-num-batched-tokens", "128", "--programs", "logits_last", *flags)  # fmt: skip
+    assert code == 0, report
+    linear = 32 * (4096 * (2 * 32 + 2 * 8) * 128 + 3 * 4096 * 14336)
+    attention = 32 * 4 * 32 * 128 * 128 * 1024  # layers x 4 x heads x head_dim x tokens x context (2048 / 2)
+    (prefill,) = [r for r in report["roofline"] if r["tokens"] == 128]
+    want = 2 * linear * 128 + 2 * 128256 * 4096 + attention
+    got = prefill["hlo_dot_flops"] + prefill["kernel_flops"]
+    assert abs(got / want - 1) < 0.10, (prefill["hlo_dot_flops"], prefill["kernel_flops"], want)
+    assert prefill["kernel_flops"] >= attention, prefill["kernel_flops"]
+    assert abs(prefill["flops"] / want - 1) < 0.10, (prefill["flops"], want)
+
+
 @needs_cuda
 def test_llama3_8b_int8_on_gpu_reads_each_layer_in_place(tmp_path):
     """Per-channel int8 decoder weights on GPU go to the layer kernel too (codes read from the

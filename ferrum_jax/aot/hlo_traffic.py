@@ -14,8 +14,11 @@ its layout) is no HBM write; an async copy into VMEM (`copy-done`) is an HBM rea
 counted apart (`vmem_fill_bytes`).
 
 Dot FLOPs: 2 x output elements x contracted elements of every `dot` (in fusions too), of the
-`convolution`s XLA:TPU writes dots as, and of the cuBLAS gemm custom calls XLA:GPU emits. Pallas kernels (custom calls) are not counted: their
-FLOPs are the attention's, which the roofline adds from the shapes.
+`convolution`s XLA:TPU writes dots as, and of the cuBLAS gemm custom calls XLA:GPU emits.
+Kernel FLOPs: the Pallas kernels' own estimates (pallas_kernels.cost), which Mosaic writes into a
+TPU custom call's backend config; the Triton lowering drops them, so on GPU the matmul kernels
+(`layer_matmul`, `grouped_matmul`: x is their second operand) count 2 x result x x's last
+dimension, and the attention kernel, whose work depends on runtime lengths, is not counted.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ _NO_WRITE = {
 }  # fmt: skip
 _IN_PLACE = {"dynamic-update-slice": 1, "scatter": -1}  # op -> index of the operand it writes
 _GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul")
+_COST_FLOPS = re.compile(r'"cost_estimate":\{"flops":"?(\d+)')
+_TRITON_MATMULS = ('name = "layer_matmul"', 'name = "grouped_matmul"')
 
 
 def shape_bytes(shape: str) -> int:
@@ -76,6 +81,7 @@ class Traffic:
     written_bytes: int  # to HBM by every instruction, loop bodies times their trip counts
     vmem_fill_bytes: int  # read from HBM by async copies into TPU VMEM
     dot_flops: float
+    kernel_flops: float
     loops: tuple[int, ...]  # trip counts of the loops reached (0 where XLA knows none)
     largest_writes: tuple[tuple[str, int, int], ...]  # (instruction line head, bytes, executions), largest total first
 
@@ -178,7 +184,19 @@ def traffic(hlo: str) -> Traffic:
             return 2.0 * math.prod(_dims(inst.shape)) * contracted  # the first array: the result
         return 0.0
 
+    def kernel_flops(comp: str, inst: _Instruction) -> float:
+        if inst.op != "custom-call":
+            return 0.0
+        m = _COST_FLOPS.search(inst.attrs)
+        if m:
+            return float(m.group(1))
+        if any(n in inst.attrs for n in _TRITON_MATMULS) and len(inst.operands) > 1:
+            x = _dims(shapes[comp].get(inst.operands[1], ""))
+            return 2.0 * math.prod(_dims(inst.shape)) * (x[-1] if x else 0)
+        return 0.0
+
     vmem = [0]
+    kernels = [0.0]
 
     def walk(comp: str, times: int) -> tuple[int, float]:
         written, flops = 0, 0.0
@@ -200,6 +218,7 @@ def traffic(hlo: str) -> Traffic:
             if inst.op == "fusion":
                 flops += sum(dot_flops(_called(inst.attrs, "calls"), i) for i in computations.get(_called(inst.attrs, "calls"), []))
             flops += dot_flops(comp, inst)
+            kernels[0] += times * kernel_flops(comp, inst)
             if inst.op in _NO_WRITE:
                 continue
             if "S(1)" in inst.shape:
@@ -220,7 +239,7 @@ def traffic(hlo: str) -> Traffic:
         ((k, sum(b for b, _ in v) // max(len(v), 1), sum(t for _, t in v)) for k, v in writes.items()),
         key=lambda r: -r[1] * r[2],
     )
-    return Traffic(written, vmem[0], flops, tuple(loops), tuple(largest[:8]))
+    return Traffic(written, vmem[0], flops, kernels[0], tuple(loops), tuple(largest[:8]))
 
 
 def _unaliased_bytes(inst: _Instruction) -> int:

@@ -18,8 +18,11 @@ bandwidth and
 FLOPs / the bf16 peak (weight-only quantized matmuls compute in bf16). FLOPs: 2 x the matmul
 parameters a device holds (the decoder layers' linear weights, the lm_head on the logits rows)
 per token, plus the attention's 4 x heads x head_dim x context per token and layer. Beside them,
-`hlo_dot_flops` is what the program's dots and convolutions do (hlo_traffic); XLA:TPU writes small
-matvecs as multiply-reduce fusions, which it does not count, so it is a lower bound there.
+`hlo_dot_flops` is what the program's dots and convolutions do and `kernel_flops` what its Pallas
+kernels estimate for themselves (hlo_traffic; the attention kernel at half the table's capacity,
+pallas_kernels.cost). Their sum is the compiled program's own count: for prefill steps it matches
+the FLOPs above (tests/test_aot.py); below 128 tokens XLA:TPU writes matvecs as multiply-reduce
+fusions, which it does not count, so the sum is a lower bound there.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def program_roofline(cfg: ModelConfig, limits: Limits, target: Target, program: 
         "hbm_bytes": hbm,
         "flops": flops,
         "hlo_dot_flops": t.dot_flops,
+        "kernel_flops": t.kernel_flops,
         "bound": "memory" if memory_s >= compute_s else "compute",
         "predicted_ms": round(step_s * 1e3, 4),
         "predicted_tokens_per_s": round(served_tokens / step_s, 1),

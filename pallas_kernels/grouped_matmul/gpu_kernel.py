@@ -32,6 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.cost import matmul_cost
+
 # Named TritonCompilerParams in older jax.
 _CompilerParams = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
 
@@ -121,5 +123,7 @@ def grouped_matmul_gpu(x, codes, scale, layer=None, *, out_dtype=None, interpret
       out_shape=jax.ShapeDtypeStruct((padded_m, n), out_dtype or x.dtype),
       compiler_params=_CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret,
+      cost_estimate=matmul_cost(padded_m, k, n, x.dtype, codes.size // layers, scale.size // layers * scale.dtype.itemsize,
+                                out_dtype or x.dtype),
       name="grouped_matmul",
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), x, codes, scale)[:m]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.cost import matmul_cost
 from pallas_kernels.grouped_matmul.gpu_kernel import MAX_BLOCK_M, MIN_DOT_DIM, NUM_STAGES, NUM_WARPS, _CompilerParams, _next_pow2
 
 BLOCK_K = 64
@@ -82,5 +83,7 @@ def layer_matmul_gpu(x, w, layer, scale=None, *, out_dtype=None, interpret=False
       out_shape=jax.ShapeDtypeStruct((block_m, n), out_dtype or x.dtype),
       compiler_params=_CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret,
+      cost_estimate=matmul_cost(block_m, k, n, x.dtype, k * n * w.dtype.itemsize, 0 if scale is None else n * scale.dtype.itemsize,
+                                out_dtype or x.dtype),
       name="layer_matmul",
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), x, w, *scales)[:m]

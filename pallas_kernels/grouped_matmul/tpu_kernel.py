@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.cost import matmul_cost
+
 MIN_BLOCK_M = 16
 MAX_BLOCK_M = 256
 BLOCK_N_CHOICES = (512, 256, 128)
@@ -114,5 +116,12 @@ def grouped_matmul_tpu(x, codes, scale, layer=None, *, out_dtype=None, interpret
       out_shape=jax.ShapeDtypeStruct((padded_m, n), out_dtype or x.dtype),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
+      cost_estimate=matmul_cost(padded_m, k, n, x.dtype, k * n // (2 if packed else 1), _layer_bytes(scale),
+                                out_dtype or x.dtype),
       name="grouped_matmul_tpu",
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), x, codes, scale)[:m]
+
+
+def _layer_bytes(stacked) -> int:
+  """Bytes of one layer of a stacked array."""
+  return stacked.size // stacked.shape[0] * stacked.dtype.itemsize

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.cost import attention_cost, expected_context
 from pallas_kernels.ragged_paged_attention.reference import token_sequence_ids
 from pallas_kernels.ragged_paged_attention.block_bounds import attended_blocks
 from pallas_kernels.ragged_paged_attention.validation import validate_static_args
@@ -238,6 +239,9 @@ def ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, page_indices, cu_q_
       out_shape=out_shape,
       compiler_params=_CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret,
+      cost_estimate=attention_cost(
+          num_tokens, num_q_heads, num_kv_heads, head_dim, num_seqs_max,
+          expected_context(page_size, pages_per_seq, sliding_window), q.dtype, k_pages.dtype),
       name="ragged_paged_attention_gpu",
   )(kv_lens.astype(jnp.int32), page_indices, cu_q_lens.astype(jnp.int32), seq_lo_b, seq_hi_b,
     q_tkgd, k_pages, v_pages)

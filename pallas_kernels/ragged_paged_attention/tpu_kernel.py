@@ -46,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.cost import attention_cost, expected_context
 from pallas_kernels.ragged_paged_attention.reference import token_sequence_ids
 from pallas_kernels.ragged_paged_attention.block_bounds import attended_blocks
 from pallas_kernels.ragged_paged_attention.validation import validate_static_args
@@ -294,6 +295,9 @@ def ragged_paged_attention_tpu(q, k_pages, v_pages, kv_lens, page_indices, cu_q_
       out_shape=jax.ShapeDtypeStruct(q_kbrd.shape, q.dtype),
       compiler_params=_CompilerParams(dimension_semantics=("parallel", "parallel")),
       interpret=tpu_interpret_params() if interpret else False,
+      cost_estimate=attention_cost(
+          num_tokens, num_q_heads, num_kv_heads, head_dim, num_seqs_max,
+          expected_context(page_size, pages_per_seq, sliding_window), q.dtype, k_pages.dtype),
       name="ragged_paged_attention_tpu",
   )(kv_lens.astype(jnp.int32), page_indices.astype(jnp.int32).reshape(-1),
     cu_q_lens.astype(jnp.int32), seq_lo_b, seq_hi_b, q_kbrd, k_pages, v_pages)
