@@ -111,6 +111,9 @@ def test_llama3_8b_int4_on_tpu_reads_uint4_codes_in_the_pallas_kernel(tmp_path, 
     assert 4.4e9 < report["weight_bytes_per_device"] < 5.5e9
     for p in report["programs"]:
         assert p["temp_bytes"] < 8 * 2**20, (p["bucket"], p["temp_bytes"])
+    # The kernel's stacked operands are pinned to HBM: unpinned, v6e's memory-space assignment
+    # copied a whole scale stack into VMEM every layer (21% of the weights' bytes in excess).
+    assert_moves_its_weights_once(report, hlo, "tpu")
 
 
 @needs_cuda
