@@ -110,11 +110,12 @@ def test_tpu_block_sizes_refuse_what_the_kernel_cannot_tile(k, n, group, packed,
         grouped_block_sizes_tpu(1, k, n, group, packed)
 
 
-@pytest.mark.parametrize("m, k, n", [(1, 256, 128), (16, 512, 4096), (40, 128, 48)])
+@pytest.mark.parametrize("m, k, n", [(1, 256, 128), (16, 512, 4096), (40, 128, 48), (200, 128, 48)])
 @pytest.mark.parametrize("form", ["bfloat16", "int8"])
 def test_layer_kernel_reads_its_layer_of_the_stack(m, k, n, form):
     """pallas_kernels.grouped_matmul.layer_matmul_gpu: layer 2 of a stack of 3 against numpy, for
-    bfloat16 weights and for int8 codes with a scale per output column."""
+    bfloat16 weights and for int8 codes with a scale per output column; 200 rows are four
+    row blocks of 64, the last padded."""
     rng = np.random.default_rng(m + n)
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
     if form == "bfloat16":
@@ -130,8 +131,9 @@ def test_layer_kernel_reads_its_layer_of_the_stack(m, k, n, form):
 
 
 def test_layer_kernel_leaves_many_rows_to_xla_and_widens_blocks_only_where_programs_stay_many():
-    with pytest.raises(ValueError, match="at most 64"):
-        layer_block_sizes(65, 4096, 4096)
+    with pytest.raises(ValueError, match="at most 256"):
+        layer_block_sizes(257, 4096, 4096)
+    assert layer_block_sizes(256, 4096, 4096) == (64, 16)
     assert layer_block_sizes(1, 4096, 4096) == (16, 16)  # 256 programs over N = 4096
     assert layer_block_sizes(16, 4096, 14336) == (16, 32)  # 448 programs
     assert layer_block_sizes(3, 4096, 65536) == (16, 128)

@@ -18,6 +18,7 @@
     timeline        timeline.py      a serving run step by step: time by kind of step (default model)
     gpu-attention   gpu_attention.py the GPU attention kernel's correctness and speed
     gpu             gpu.py           a random Llama-3-8B-shaped model on the accelerator: decode/prefill tok/s, % of HBM
+    roofline        roofline.py      compile-only decode rooflines for TPU/GPU targets (the BENCHMARKS.md table)
 
 None of them is part of the test suite; each module's docstring says what it measures and how.
 """

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "timeline": "timeline",
     "gpu-attention": "gpu_attention",
     "gpu": "gpu",
+    "roofline": "roofline",
 }
 
 
