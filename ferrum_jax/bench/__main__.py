@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "gpu-attention": "gpu_attention",
     "gpu": "gpu",
     "roofline": "roofline",
+    "layer-stack": "layer_stack",
 }
 
 

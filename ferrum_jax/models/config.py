@@ -60,6 +60,14 @@ class ModelConfig:
     final_soft_cap: float | None = None
     # The RoPE of sliding-window layers when it differs from `rope` (Gemma 3's local base).
     local_rope: RopeConfig | None = None
+    # Mixture of experts (num_experts 0: every MLP dense): experts per MoE layer, experts each
+    # token takes, their MLP width, whether the top-k weights are renormalized to sum to 1, and
+    # whether they scale the experts' outputs in float32 (Mixtral) or in the model dtype (Qwen3-MoE).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_float32_weights: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
 
@@ -74,6 +82,10 @@ class ModelConfig:
         if len(self.sliding_windows) != self.num_layers:
             raise FerrumError.invalid_config(
                 f"{len(self.sliding_windows)} layer attention types for {self.num_layers} layers"
+            )
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise FerrumError.invalid_config(
+                f"num_experts_per_tok={self.experts_per_token}: must be in [1, num_experts={self.num_experts}]"
             )
         if self.hidden_act not in ACTIVATIONS:
             raise FerrumError.unsupported(f"hidden_act={self.hidden_act!r}: implemented are {list(ACTIVATIONS)}")

@@ -15,7 +15,8 @@ declared. Per-layer parameters are declared at one layer's shape under `layers.`
 stacks them (`[num_layers, ...]`, causal_lm).
 
 Logical axes name what a dimension indexes; sharding decides which of them split over the mesh:
-`vocab`, `heads` (query heads), `kv_heads`, `ffn` (the MLP's inner width), or None.
+`vocab`, `heads` (query heads), `kv_heads`, `ffn` (the MLP's inner width), `experts` (an expert
+stack's leading axis), or None.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ferrum_jax.interfaces.errors import FerrumError
 
 LAYER_PREFIX = "layers."
 WEIGHT, SCALE, BIAS = ".weight", ".scale", ".bias"
-LOGICAL_AXES = ("vocab", "heads", "kv_heads", "ffn", None)
+LOGICAL_AXES = ("vocab", "heads", "kv_heads", "ffn", "experts", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +53,10 @@ TRANSPOSE = Layout(lambda s: s[::-1], lambda a, s: a.T)
 class ParamDecl:
     """One parameter. `shape` is one layer's for per-layer parameters (path under `layers.`).
 
-    hf / gguf: the checkpoint tensor names, `{}` standing for the layer index; gguf None: the
-    family has no GGUF spelling for it. n_in: a linear weight's leading input axes (it is then
+    hf / gguf: the checkpoint tensor names, `{}` standing for the layer index; a further `{}`
+    indexes the next leading axis of `shape` (HF stores each expert of an expert stack as its own
+    tensor: `...experts.{}.gate_proj.weight`), `layout` then mapping one such tensor; gguf None:
+    the family has no GGUF spelling for it. n_in: a linear weight's leading input axes (it is then
     quantizable and its path ends in `.weight`); None for everything else. init: `normal`
     (scaled by the inputs), `ones` or `zeros` (random models only: checkpoints overwrite all).
     """
@@ -100,10 +103,12 @@ def vector(path: str, shape: tuple[int, ...], axes: tuple, hf: str, gguf: str | 
 
 
 class Declarations:
-    """A family's declared parameters for one config, by path (see the module docstring)."""
+    """A family's declared parameters for one config, by path (see the module docstring).
+    experts_per_token: of an expert stack, how many experts a token multiplies."""
 
-    def __init__(self, decls: Iterable[ParamDecl], num_layers: int):
+    def __init__(self, decls: Iterable[ParamDecl], num_layers: int, experts_per_token: int = 0):
         self.num_layers = num_layers
+        self.experts_per_token = experts_per_token
         self.by_path: dict[str, ParamDecl] = {}
         for d in decls:
             if d.path in self.by_path:
@@ -133,8 +138,15 @@ class Declarations:
         return sum(math.prod(d.shape) * (self.num_layers if d.per_layer else 1) for d in self)
 
     def layer_matmul_parameters(self) -> int:
-        """The decoder layers' linear weights: what each token multiplies (2 FLOPs a weight)."""
-        return sum(math.prod(d.shape) * self.num_layers for d in self if d.per_layer and d.n_in is not None)
+        """The decoder layers' weights each token multiplies (2 FLOPs a weight): the linear ones,
+        and of an expert stack the experts a token takes."""
+        total = 0
+        for d in self:
+            if d.per_layer and d.axes[:1] == ("experts",):
+                total += math.prod(d.shape[1:]) * self.experts_per_token * self.num_layers
+            elif d.per_layer and d.n_in is not None:
+                total += math.prod(d.shape) * self.num_layers
+        return total
 
     def vocab_axis(self, path: str) -> int | None:
         """The vocabulary axis of `path` counted from the end (a quantized weight's scales end with
@@ -146,7 +158,8 @@ class Declarations:
 
 
 def name_pattern(template: str) -> re.Pattern:
-    """A checkpoint name template (`{}` for the layer index) as a regex capturing the layer."""
+    """A checkpoint name template (`{}` for the layer index, then any further indexes) as a
+    regex capturing each index."""
     return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)"))
 
 

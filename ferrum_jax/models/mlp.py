@@ -9,7 +9,7 @@ from ferrum_jax.models.declare import Declarations
 from ferrum_jax.models.linear import Linear
 from ferrum_jax.models.quantization import Quantization
 
-_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 class MLP(nnx.Module):
@@ -23,5 +23,5 @@ class MLP(nnx.Module):
 
     def __call__(self, x_td: jax.Array, backend=None) -> jax.Array:
         """backend: the step's AttentionBackend, which says whether grouped codes take a kernel."""
-        act = _ACTIVATIONS[self.hidden_act]
+        act = ACTIVATIONS[self.hidden_act]
         return self.down(act(self.gate(x_td, backend)) * self.up(x_td, backend), backend)

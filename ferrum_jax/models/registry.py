@@ -17,9 +17,10 @@ from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.declare import Declarations
 from ferrum_jax.models.families.gemma import GEMMA
 from ferrum_jax.models.families.llama import LLAMA
+from ferrum_jax.models.families.moe import MOE
 from ferrum_jax.models.family import Family
 
-FAMILIES: tuple[Family, ...] = (LLAMA, GEMMA)
+FAMILIES: tuple[Family, ...] = (LLAMA, GEMMA, MOE)
 
 
 def _table(field: str) -> dict[str, tuple[Family, str]]:
@@ -78,4 +79,4 @@ def model_config_from_dir(path: str | Path) -> ModelConfig:
 def declarations(cfg: ModelConfig, vocab_rows: int | None = None) -> Declarations:
     """The parameters of `cfg`'s family for it; vocab_rows: the vocabulary axis padded for tensor
     parallelism (None: the vocabulary)."""
-    return Declarations(family(cfg).declare(cfg, vocab_rows or cfg.vocab_size), cfg.num_layers)
+    return Declarations(family(cfg).declare(cfg, vocab_rows or cfg.vocab_size), cfg.num_layers, cfg.experts_per_token)

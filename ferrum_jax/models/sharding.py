@@ -54,6 +54,7 @@ def check_divisible(cfg: ModelConfig, tp: int) -> None:
     for name, value in [
         ("num_attention_heads", cfg.num_heads),
         ("intermediate_size", cfg.intermediate_size),
+        ("moe_intermediate_size", cfg.moe_intermediate_size),
     ]:
         if value % tp:
             raise FerrumError.invalid_config(f"{name}={value} is not divisible by tensor_parallel_size={tp}")
@@ -66,7 +67,7 @@ def param_specs(cfg: ModelConfig, tp: int, params: dict) -> dict[str, P]:
     weight (scale_sharding.scale_spec)."""
     check_divisible(cfg, tp)
     decls = declarations(cfg)
-    mesh_axes = {"vocab": "model", "heads": "model", "kv_heads": "model" if kv_heads_sharded(cfg, tp) else None, "ffn": "model", None: None}
+    mesh_axes = {"vocab": "model", "heads": "model", "kv_heads": "model" if kv_heads_sharded(cfg, tp) else None, "ffn": "model", "experts": None, None: None}
 
     def layer_spec(path: str) -> P:
         if path.endswith(SCALE):

@@ -15,14 +15,16 @@ host at a time.
 
 from __future__ import annotations
 
+import itertools
 import re
+
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
-from ferrum_jax.models.declare import LAYER_PREFIX, SCALE, Declarations, Layout, ParamDecl, name_pattern, scale_path
+from ferrum_jax.models.declare import SCALE, Declarations, Layout, ParamDecl, name_pattern, scale_path
 from ferrum_jax.models.quantization import Quantization, float_shape, quantize
 from ferrum_jax.models.registry import declarations, family
 from ferrum_jax.models.vocab_padding import unpadded_shape
@@ -32,22 +34,19 @@ _IGNORED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
 
 
 def hf_table(decls: Declarations) -> list[tuple[re.Pattern, ParamDecl]]:
-    """(HF name pattern, declaration) of every declared parameter; `{}` matches the layer."""
+    """(HF name pattern, declaration) of every declared parameter; each `{}` matches an index
+    (the layer, then an expert: models.declare)."""
     return [(name_pattern(d.hf), d) for d in decls]
 
 
-def _target(table, name: str) -> tuple[ParamDecl, int | None] | None:
-    """(declaration, layer index or None) for an HF tensor name."""
+def _target(table, name: str) -> tuple[ParamDecl, tuple[int, ...]] | None:
+    """(declaration, the indexes the name carries: (), (layer,) or (layer, expert)) for an HF
+    tensor name."""
     for pattern, decl in table:
         m = pattern.fullmatch(name)
         if m:
-            return decl, int(m.group(1)) if m.groups() else None
+            return decl, tuple(int(g) for g in m.groups())
     return None
-
-
-def _layer_shape(path: str, shape: tuple) -> tuple:
-    """One layer's shape of `path`: stacked parameters drop their leading layer axis."""
-    return shape[1:] if path.startswith(LAYER_PREFIX) else shape
 
 
 def load_hf_params(
@@ -71,7 +70,7 @@ def load_hf_params(
     table = hf_table(decls)
     rename = family(cfg).hf_rename or (lambda n: n)
     vocab_size = cfg.vocab_size
-    plan: dict[str, dict[int | None, tuple[str, Layout]]] = {}
+    plan: dict[str, dict[tuple[int, ...], tuple[str, Layout]]] = {}
     unexpected, misshaped, misshaped_targets = [], [], set()
     for name, entry in ckpt.entries.items():
         declared = rename(name)
@@ -83,28 +82,29 @@ def load_hf_params(
         if found is None or found[0].path not in expected:
             unexpected.append(name)
             continue
-        decl, layer = found
+        decl, index = found
         target, transform = decl.path, decl.layout
         shape = unpadded_shape(decls, target, _float_shape(decls, target, expected), vocab_size)
-        if layer is not None and layer >= shape[0]:
+        if any(i >= n for i, n in zip(index, shape)):
             unexpected.append(name)
             continue
-        want = tuple(transform.hf_shape(_layer_shape(target, shape)))
+        want = tuple(transform.hf_shape(shape[len(index):]))
         if entry.shape != want:
             misshaped.append(f"{name}: shape {list(entry.shape)}, expected {list(want)}")
-            misshaped_targets.add((target, layer))
+            misshaped_targets.add((target, index))
             continue
-        plan.setdefault(target, {})[layer] = (name, transform)
+        plan.setdefault(target, {})[index] = (name, transform)
     missing = []
     for target, spec in sorted(expected.items()):
         if target.endswith(SCALE):  # derived from its weight
             continue
-        layers = range(spec.shape[0]) if target.startswith("layers.") else [None]
+        template = decls[target].hf
+        indexes = itertools.product(*(range(n) for n in spec.shape[: template.count("{}")]))
         # Named as the checkpoint would name them.
         missing += [
-            decls[target].hf.format(layer)
-            for layer in layers
-            if layer not in plan.get(target, {}) and (target, layer) not in misshaped_targets
+            template.format(*index)
+            for index in indexes
+            if index not in plan.get(target, {}) and (target, index) not in misshaped_targets
         ]
     if missing or unexpected or misshaped:
         parts = []
@@ -128,8 +128,8 @@ def load_hf_params(
             else:
                 host = (np.empty if stored == tuple(shape) else np.zeros)(shape, spec.dtype)
                 region = host[tuple(slice(0, n) for n in stored)]
-                for layer, (name, transform) in plan[target].items():
-                    dst = region if layer is None else region[layer]
+                for index, (name, transform) in plan[target].items():
+                    dst = region[index]
                     dst[...] = transform.convert(ckpt.read(name), dst.shape)
                     bar.update()
                 arrays = {target: host}
@@ -159,8 +159,8 @@ def _quantized(ckpt, decl: ParamDecl, layers: dict, spec, scale_spec, shape: tup
     layer_shape, layer_stored = (shape[1:], stored[1:]) if stacked else (shape, stored)
     ints = np.empty(spec.shape, spec.dtype)
     scales = np.empty(scale_spec.shape, np.float32)
-    for layer, (name, transform) in layers.items():
-        dst_ints, dst_scale = (ints, scales) if layer is None else (ints[layer], scales[layer])
+    for index, (name, transform) in layers.items():
+        dst_ints, dst_scale = ints[index], scales[index]
         if layer_stored == layer_shape and _blocks_fit(ckpt, name, layer_shape[n_in - 1], quant):
             codes, scale = ckpt.read_blocks(name)
             dst_ints[...] = codes.T.reshape(dst_ints.shape)

@@ -1,0 +1,99 @@
+"""Mixture-of-experts Llama-shaped models: Qwen3-MoE and Mixtral.
+
+The decoder layer is Llama's (pre-norm RMSNorm, attention, RMSNorm) with the MLP a sparse MoE
+block (models.moe) in every layer. Qwen3-MoE adds Qwen3's q/k norms; its `mlp_only_layers` /
+`decoder_sparse_step` can make some layers dense, which a stacked layer of one shape cannot hold
+yet, so such configs are refused by name. HF stores each expert as its own tensors
+(`mlp.experts.{e}.gate_proj` for Qwen3-MoE, `block_sparse_moe.experts.{e}.w1/w3/w2` for
+Mixtral); they load into `[experts, ...]` stacks (models.declare).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+
+from ferrum_jax.interfaces.errors import FerrumError
+from ferrum_jax.models.attention import Attention
+from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.declare import TRANSPOSE, Declarations, ParamDecl, vector
+from ferrum_jax.models.families.llama import attention_decls, config as llama_config, embedding_decls
+from ferrum_jax.models.family import Family
+from ferrum_jax.models.moe import SparseMoE
+from ferrum_jax.models.norm import RMSNorm
+from ferrum_jax.models.quantization import Quantization
+
+_HF = "model.layers.{}."
+# tag -> HF names of the router and of one expert's gate, up and down projections.
+_EXPERT_NAMES = {
+    "qwen3_moe": ("mlp.gate.weight", "mlp.experts.{}.gate_proj.weight", "mlp.experts.{}.up_proj.weight",
+                  "mlp.experts.{}.down_proj.weight"),
+    "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{}.w1.weight",
+                "block_sparse_moe.experts.{}.w3.weight", "block_sparse_moe.experts.{}.w2.weight"),
+}  # fmt: skip
+
+
+def declare(cfg: ModelConfig, vocab_rows: int) -> list[ParamDecl]:
+    d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    router, gate, up, down = (_HF + n for n in _EXPERT_NAMES[cfg.architecture])
+    return [
+        *embedding_decls(cfg, vocab_rows),
+        vector("layers.input_norm.weight", (d,), (None,), _HF + "input_layernorm.weight", None, "ones"),
+        vector("layers.post_attn_norm.weight", (d,), (None,), _HF + "post_attention_layernorm.weight", None, "ones"),
+        *attention_decls(cfg, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm),
+        ParamDecl("layers.moe.router", (d, e), (None, None), router, None, TRANSPOSE),
+        ParamDecl("layers.moe.gate", (e, d, f), ("experts", None, "ffn"), gate, None, TRANSPOSE),
+        ParamDecl("layers.moe.up", (e, d, f), ("experts", None, "ffn"), up, None, TRANSPOSE),
+        ParamDecl("layers.moe.down", (e, f, d), ("experts", "ffn", None), down, None, TRANSPOSE),
+    ]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, decls: Declarations, *, dtype, rngs: nnx.Rngs, quant: Quantization | None = None):
+        eps = cfg.rms_norm_eps
+        self.input_norm = RMSNorm(decls["layers.input_norm.weight"], eps, dtype=dtype)
+        self.attn = Attention(cfg, decls, dtype=dtype, rngs=rngs, quant=quant)
+        self.post_attn_norm = RMSNorm(decls["layers.post_attn_norm.weight"], eps, dtype=dtype)
+        self.moe = SparseMoE(cfg, decls, dtype=dtype, rngs=rngs, quant=quant)
+
+    def __call__(self, h_td, rope, k_pages, v_pages, meta, backend, sliding_window, k_scale=None, v_scale=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        attn_td, k_pages, v_pages = self.attn(
+            self.input_norm(h_td), rope, k_pages, v_pages, meta, backend, sliding_window, k_scale, v_scale
+        )
+        h_td = h_td + attn_td
+        h_td = h_td + self.moe(self.post_attn_norm(h_td), backend)
+        return h_td, k_pages, v_pages
+
+
+def config(d: dict[str, Any], tag: str) -> ModelConfig:
+    if tag == "qwen3_moe":
+        num_layers, step = int(d["num_hidden_layers"]), int(d.get("decoder_sparse_step", 1))
+        dense = sorted(set(d.get("mlp_only_layers") or []) | {i for i in range(num_layers) if (i + 1) % step})
+        if dense:
+            raise FerrumError.unsupported(
+                f"Qwen3-MoE with dense layers {dense} (mlp_only_layers / decoder_sparse_step={step}): only "
+                "configs where every layer is a MoE layer are implemented")
+        base = llama_config(d, "qwen3")
+        width, norm = int(d["moe_intermediate_size"]), bool(d.get("norm_topk_prob", False))
+    else:
+        base = llama_config(d, "mistral")
+        width, norm = int(d["intermediate_size"]), True
+    # Qwen's own configs say num_experts; transformers 5 writes num_local_experts for both.
+    experts = int(d.get("num_experts") or d["num_local_experts"])
+    return dataclasses.replace(
+        base, architecture=tag, num_experts=experts, experts_per_token=int(d["num_experts_per_tok"]),
+        moe_intermediate_size=width, norm_topk_prob=norm, moe_float32_weights=tag == "mixtral",
+    )
+
+
+MOE = Family(
+    architectures={"Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"},
+    model_types={"qwen3_moe": "qwen3_moe", "mixtral": "mixtral"},
+    gguf_architectures={},
+    config=config,
+    declare=declare,
+    block=DecoderLayer,
+)
