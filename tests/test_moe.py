@@ -18,6 +18,8 @@ import transformers
 import ferrum_jax as fj
 import jax
 import jax.numpy as jnp
+from ferrum_jax.engine import Engine, EngineConfig, SamplingParams
+from ferrum_jax.engine.drafter import NgramDrafter
 from ferrum_jax.models.moe import _gathered, _grouped
 
 LIMITS = dict(dtype="float32", page_size=8, max_batch_size=2, max_sequence_length=64, max_num_batched_tokens=64)
@@ -114,3 +116,43 @@ def test_every_token_on_one_expert_is_computed_in_full(run):
     weights = rng.uniform(0.1, 1.0, size=(t, 2)).astype(np.float32)
     y = run(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), tuple(map(jnp.asarray, (gate, up, down))), jax.nn.silu)
     np.testing.assert_allclose(np.asarray(y), _reference(x, experts, weights, gate, up, down), rtol=1e-4, atol=1e-4)
+
+
+def greedy_hf(model, ids: list[int], n: int) -> list[int]:
+    gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        t = torch.tensor([ids])
+        return model.generate(t, attention_mask=torch.ones_like(t), generation_config=gen)[0, len(ids):].tolist()
+
+
+def test_engine_with_prefix_caching_and_speculation_generates_as_hf(moe):
+    """Concurrent requests through the engine, prefix caching on (the last request repeats the
+    first prompt: a hit) and n-gram speculation (prompts that repeat themselves, so drafts are
+    proposed and verified in multi-token steps): every token as HF's greedy generate."""
+    path, model = moe
+    rng = np.random.default_rng(5)
+    prompts = [(rng.integers(3, 300, n).tolist() * 3)[:m] for n, m in ((7, 21), (5, 15), (11, 33))]
+    prompts.append(prompts[0])
+    want = [greedy_hf(model, p, 12) for p in prompts]
+    ex = fj.JaxModelExecutor.from_pretrained(path, **{**LIMITS, "max_batch_size": 4})
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def go():
+        eng = Engine(ex, EngineConfig(num_speculative_tokens=3), NgramDrafter())
+        await eng.start()
+        try:
+            async def one(i, p):
+                toks = []
+                async for out in eng.add_request(f"r{i}", p, params):
+                    toks += out.new_token_ids
+                return toks
+
+            first = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts[:3])])
+            return first + [await one(3, prompts[3])], eng.stats()
+        finally:
+            await eng.stop()
+
+    got, stats = asyncio.run(go())
+    assert got == want
+    assert ex.prefix_cache_tokens[1] >= 16 and ex.num_used_pages == 0
+    assert stats.spec_draft_tokens > 0 and stats.spec_verify_steps > 0, stats

@@ -94,6 +94,27 @@ def test_window_groups_give_pages_back_and_prefix_matches_shorten_to_what_they_h
     table.truncate(a, 29)  # reads from 22: page 5 on, held
 
 
+def test_a_rollback_allowance_keeps_what_a_truncation_to_the_verified_token_reads():
+    """Page size 4, window 8, speculation verifying 4 tokens at a time (allow_rollback(5)): after
+    a verify wrote positions 30..34, the engine may keep only position 30, whose successor (31)
+    reads from 24 -- page 6 on. The give-back before the next step keeps what a query at
+    35 - 5 = 30 reads (from 23: page 5 on), so the truncation to 31 tokens is allowed; without
+    the allowance page 6 (positions 24..27) went back at once and the same truncation is refused."""
+    for rollback, kept_from in ((5, 5), (0, 7)):
+        table = SequenceTable(PageAllocator(40), 4, 64, prefix_caching=False, windows=(None, 8))
+        table.rollback_tokens = rollback
+        a = table.create()
+        table.reserve([(a, 35)])
+        table.append(a, list(range(35)))
+        table.give_back_passed(a)
+        assert a.tables[1][:kept_from] == [PASSED] * kept_from and a.tables[1][kept_from] != PASSED
+        if rollback:
+            table.truncate(a, 31)
+        else:
+            with pytest.raises(fj.FerrumError, match="sliding window 8 from position 28 on"):
+                table.truncate(a, 31)
+
+
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
     # Two local layers then a global one, twice: three KV groups of two slots.

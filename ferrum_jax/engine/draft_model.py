@@ -24,6 +24,9 @@ class DraftModelDrafter(Drafter):
         self.ex = draft_executor
         self._handles: dict[str, object] = {}
 
+    def allow_rollback(self, tokens: int) -> None:
+        self.ex.allow_rollback(tokens)
+
     def propose(self, requests: list[Request], num_tokens: list[int], sampling_row) -> list[Drafts]:
         active = [(r, k) for r, k in zip(requests, num_tokens) if k > 0]
         drafted: dict[str, list[int]] = {r.request_id: [] for r, _ in active}

@@ -36,6 +36,10 @@ class Drafter(abc.ABC):
     def release(self, request: Request) -> None:
         """The request left the engine (finished, aborted or preempted)."""
 
+    def allow_rollback(self, tokens: int) -> None:
+        """The engine verifies up to `tokens` at a time: a drafter that keeps KV truncates that
+        much of it (see JaxModelExecutor.allow_rollback)."""
+
 
 class NgramDrafter(Drafter):
     """Prompt lookup: find the longest recent n-gram (max_n down to min_n) that occurred

@@ -60,6 +60,10 @@ class Engine:
         self.executor = executor
         self.config = config
         self.drafter = drafter if config.num_speculative_tokens else None
+        if self.drafter is not None:
+            # A verify writes the last token and its drafts, and keeps the accepted ones.
+            executor.allow_rollback(config.num_speculative_tokens + 1)
+            self.drafter.allow_rollback(config.num_speculative_tokens + 1)
         # The speculative path reads every token before drafting from it.
         self._async = config.async_scheduling and self.drafter is None
         max_seqs = min(config.max_num_seqs or executor.max_batch_size, executor.max_batch_size)

@@ -37,7 +37,7 @@ from ferrum_jax.interfaces.errors import FerrumError
 
 log = logging.getLogger(__name__)
 
-COMMANDS = frozenset({"sample_unified", "extend", "truncate", "release_cache", "new_kv_cache", "warmup"})
+COMMANDS = frozenset({"sample_unified", "extend", "truncate", "release_cache", "new_kv_cache", "warmup", "allow_rollback"})
 SYNCS = frozenset({"sample_unified", "extend", "warmup"})  # each runs a program over the whole mesh
 _STOP = "stop"
 _PREFIX = "ferrum_jax/lockstep/"

@@ -579,6 +579,12 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             acceptance_count=accepted,
         )
 
+    def allow_rollback(self, tokens: int) -> None:
+        """Callers may truncate up to `tokens` from a sequence's end (speculative drafts and the
+        token they follow): sliding-window layers then keep the KV a query that far back reads,
+        which `truncate` would otherwise refuse once the window has passed it."""
+        self._seqs.rollback_tokens = max(self._seqs.rollback_tokens, tokens)
+
     async def truncate_kv(self, kv_cache: KvCacheHandle, new_len: int) -> None:
         self.truncate(kv_cache, new_len)
 

@@ -73,6 +73,9 @@ class SequenceTable:
         self.windows = windows
         self.page_size = page_size
         self.max_sequence_length = max_sequence_length
+        # Tokens a caller may still truncate from a sequence's end (speculative drafts and the
+        # token before them): windows keep what a query that far back reads.
+        self.rollback_tokens = 0
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
@@ -148,9 +151,11 @@ class SequenceTable:
             )
 
     def _passed(self, seq: Sequence, group: int) -> range:
-        """Indices of the held pages of `group` no query from the sequence's next token on reads."""
+        """Indices of the held pages of `group` no query from the sequence's next token on reads
+        (from `rollback_tokens` before it, where the caller may truncate to)."""
         table = seq.tables[group]
-        return range(_first_held(table), min(self.cache.first_read(group, seq.num_tokens), len(table)))
+        first = max(0, seq.num_tokens - self.rollback_tokens)
+        return range(_first_held(table), min(self.cache.first_read(group, first), len(table)))
 
     def pages_needed(self, seq: Sequence, total_tokens: int) -> int:
         """Pages the sequence must gain to hold `total_tokens`, less those its windows give back
