@@ -9,6 +9,7 @@ winners: near-ties would let float rounding pick different experts on the two si
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ import jax.numpy as jnp
 from ferrum_jax.engine import Engine, EngineConfig, SamplingParams
 from ferrum_jax.engine.drafter import NgramDrafter
 from ferrum_jax.models.moe import _gathered, _grouped
+from ferrum_jax.models.registry import declarations, model_config_from_dir
 
+REPO = Path(__file__).resolve().parents[1]
 LIMITS = dict(dtype="float32", page_size=8, max_batch_size=2, max_sequence_length=64, max_num_batched_tokens=64)
 PROMPT_LEN = 30
 REL_TOL = 1e-4
@@ -156,3 +159,18 @@ def test_engine_with_prefix_caching_and_speculation_generates_as_hf(moe):
     assert got == want
     assert ex.prefix_cache_tokens[1] >= 16 and ex.num_used_pages == 0
     assert stats.spec_draft_tokens > 0 and stats.spec_verify_steps > 0, stats
+
+
+def test_qwen3_30b_a3b_parameters_by_hand():
+    """configs/models/qwen3-30b-a3b: 48 layers of 128 experts (2048 -> 768 -> 2048), 32 query
+    and 4 KV heads of 128, vocabulary 151936, untied: Qwen's 30.5B total, and per token the
+    attention plus 8 of the 128 experts."""
+    cfg = model_config_from_dir(REPO / "configs" / "models" / "qwen3-30b-a3b")
+    experts = 48 * 128 * 3 * 2048 * 768
+    attention = 48 * (2 * 2048 * 4096 + 2 * 2048 * 512)
+    norms = 48 * (2 * 2048 + 2 * 128) + 2048
+    router = 48 * 2048 * 128
+    embeddings = 2 * 151936 * 2048
+    decls = declarations(cfg)
+    assert decls.num_parameters() == experts + attention + norms + router + embeddings == 30_532_122_624
+    assert decls.layer_matmul_parameters() == attention + experts * 8 // 128

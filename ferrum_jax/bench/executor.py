@@ -4,6 +4,7 @@
     python -m ferrum_jax.bench --quick    # small config, for a smoke run
     python -m ferrum_jax.bench --default-model   # SmolLM2-135M-Instruct (the GGUF), both sides
     python -m ferrum_jax.bench --model gemma3-270m   # a packaged model or GGUF file, both sides
+    python -m ferrum_jax.bench --moe      # Qwen3-MoE-shaped: 24 layers of 64 experts, top-8
 
 A random-init Llama is built with transformers (seeded), written with
 `save_pretrained`, and loaded by `JaxModelExecutor.from_pretrained`; the torch model
@@ -69,6 +70,21 @@ FULL = Shape(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, voc
 QUICK = Shape(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=704, vocab=8000)
 
 
+@dataclasses.dataclass(frozen=True)
+class MoeShape(Shape):
+    experts: int
+    experts_per_token: int
+    expert_intermediate: int
+
+
+# Qwen3-30B-A3B's routing (128 experts, top-8) scaled to this machine: 1.34e9 parameters, 0.21e9
+# of them active per token (float32: 5.4 GB a side).
+MOE = MoeShape(hidden=1024, layers=24, heads=16, kv_heads=4, intermediate=1024, vocab=32000, experts=64,
+               experts_per_token=8, expert_intermediate=256)
+MOE_QUICK = MoeShape(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=256, vocab=8000, experts=16,
+                     experts_per_token=4, expert_intermediate=128)
+
+
 def _import_hf():
     try:
         import torch
@@ -80,6 +96,16 @@ def _import_hf():
 
 def build_hf_model(shape: Shape, max_seq: int):
     torch, transformers = _import_hf()
+    if isinstance(shape, MoeShape):
+        config = transformers.Qwen3MoeConfig(
+            hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+            num_key_value_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads, intermediate_size=shape.intermediate,
+            moe_intermediate_size=shape.expert_intermediate, num_experts=shape.experts,
+            num_experts_per_tok=shape.experts_per_token, norm_topk_prob=True, vocab_size=shape.vocab,
+            max_position_embeddings=max_seq, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )  # fmt: skip
+        torch.manual_seed(SEED)
+        return transformers.Qwen3MoeForCausalLM(config).to(torch.float32).eval()
     config = transformers.LlamaConfig(
         hidden_size=shape.hidden,
         num_hidden_layers=shape.layers,
@@ -252,6 +278,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small model and shapes (smoke run)")
     p.add_argument("--default-model", action="store_true", help="SmolLM2-135M-Instruct (GGUF) instead of a random Llama")
     p.add_argument("--model", help="a packaged model's name (gemma3-270m) or a GGUF file, instead of a random Llama")
+    p.add_argument("--moe", action="store_true", help="a random Qwen3-MoE-shaped model instead of a random Llama")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
     p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per decode measurement")
     p.add_argument("--prefill-len", type=int, default=None, help="single-prompt prefill length")
@@ -284,7 +311,7 @@ async def run(args) -> None:
     import ferrum_jax as fj
 
     torch.set_num_threads(os.cpu_count())
-    shape = QUICK if args.quick else FULL
+    shape = (MOE_QUICK if args.quick else MOE) if args.moe else (QUICK if args.quick else FULL)
     needed = max(args.prefill_len, args.batch_prefill_len, args.decode_prompt_len + args.new_tokens)
     max_seq = args.max_seq or needed
     if max_seq < needed:
@@ -323,7 +350,7 @@ async def run(args) -> None:
         load_s = time.perf_counter() - t
     ferrum = FerrumSide(ex, fj)
 
-    what = f"{source.name} (GGUF)" if source else f"Llama {shape}"
+    what = f"{source.name} (GGUF)" if source else f"{'Qwen3-MoE' if args.moe else 'Llama'} {shape}"
     print(f"model: {what}, {n_params(model) / 1e6:.1f}M params, float32; ferrum load {load_s:.1f}s")
     for k, v in machine_info(torch, transformers, load_at_start):
         print(f"{k}: {v}")
