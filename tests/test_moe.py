@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 from ferrum_jax.engine import Engine, EngineConfig, SamplingParams
 from ferrum_jax.engine.drafter import NgramDrafter
-from ferrum_jax.models.moe import _gathered, _grouped
+import functools
+
+from ferrum_jax.models.moe import _blocked, _gathered, _grouped
 from ferrum_jax.models.registry import declarations, model_config_from_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,10 +108,11 @@ def _reference(x, experts, weights, gate, up, down):
     return out
 
 
-@pytest.mark.parametrize("run", [_grouped, _gathered])
+@pytest.mark.parametrize("run", [_grouped, _gathered, functools.partial(_blocked, block=8), functools.partial(_blocked, block=64)])
 def test_every_token_on_one_expert_is_computed_in_full(run):
     """Dropless: all 40 tokens choose expert 2 first (no capacity: its group is 40 rows long),
-    their second choices spread over the rest; both ways of running the experts against numpy."""
+    their second choices spread over the rest; every way of running the experts (the blocked
+    form with 8-row blocks: expert 2 spans five; with 64: one block each) against numpy."""
     rng = np.random.default_rng(0)
     t, d, f, e = 40, 16, 24, 5
     x = rng.normal(size=(t, d)).astype(np.float32)

@@ -6,12 +6,16 @@ softmax in float32, top-k, the k weights renormalized to sum to 1 where the mode
 (Mixtral) to scale each expert's output before the outputs are summed per token.
 
 Experts are stacked gated MLPs: `gate/up [experts, hidden, ffn]`, `down [experts, ffn, hidden]`.
-Two ways to run them, chosen by the step's static shape:
-- grouped (more token-expert pairs than experts: prefill): the pairs sorted by expert, every
-  expert's rows one group of `jax.lax.ragged_dot` (dropless: a group is as long as its tokens
-  make it), the outputs unsorted and summed per token;
-- gathered (fewer pairs than experts: decode): each pair gathers its expert's weights from the
-  stack, so the step reads only the experts some token chose, not the whole stack.
+Every way to run them is dropless (an expert takes as many tokens as choose it), chosen by the
+step's static shape and the platform:
+- gathered (fewer token-expert pairs than the alternative reads experts: decode): each pair
+  gathers its expert's weights from the stack, so the step reads only the experts tokens chose;
+- grouped, TPU/GPU: the pairs sorted by expert, every expert's rows one group of
+  `jax.lax.ragged_dot` (XLA's ragged dot instruction there), the outputs unsorted and summed;
+- blocked, CPU: XLA:CPU has no ragged dot (jax lowers it to a dense product of every row with
+  every expert, masked: 64x the FLOPs at 64 experts), so the sorted pairs are laid out in
+  blocks of `block` rows, each expert's rows padded to whole blocks, and each block multiplies
+  its expert's weights (gathered per block): at most `num_experts x (block - 1)` padding rows.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class SparseMoE(nnx.Module):
             setattr(self, name, nnx.Param(w.astype(dtype)))
 
     def __call__(self, x_td: jax.Array, backend=None) -> jax.Array:
-        del backend  # the experts take XLA's ragged dot or gathers on every platform
+        """backend: the step's AttentionBackend (its platform picks the grouped form)."""
         logits_te = x_td @ self.router[...]
         probs_te = jax.nn.softmax(logits_te.astype(jnp.float32), axis=-1)
         weights_tk, experts_tk = jax.lax.top_k(probs_te, self.k)
@@ -53,10 +57,28 @@ class SparseMoE(nnx.Module):
             weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
         if not self.float32_weights:
             weights_tk = weights_tk.astype(x_td.dtype)
-        experts = (self.gate, self.up, self.down)
-        if experts_tk.size < self.gate.shape[0]:
-            return _gathered(x_td, experts_tk, weights_tk, experts, ACTIVATIONS[self.hidden_act])
-        return _grouped(x_td, experts_tk, weights_tk, experts, ACTIVATIONS[self.hidden_act])
+        experts, act = (self.gate, self.up, self.down), ACTIVATIONS[self.hidden_act]
+        pairs, num_experts = experts_tk.size, self.gate.shape[0]
+        platform = jax.default_backend() if backend is None else backend.platform
+        if platform == "cpu":
+            block = row_block(pairs, num_experts)
+            if pairs <= num_blocks(pairs, num_experts, block):
+                return _gathered(x_td, experts_tk, weights_tk, experts, act)
+            return _blocked(x_td, experts_tk, weights_tk, experts, act, block)
+        if pairs < num_experts:
+            return _gathered(x_td, experts_tk, weights_tk, experts, act)
+        return _grouped(x_td, experts_tk, weights_tk, experts, act)
+
+
+def row_block(pairs: int, num_experts: int) -> int:
+    """Rows a block of the blocked form holds: about half an expert's average share of the pairs
+    (fewer padding rows against fewer gathered weights), a power of two from 8 to 64."""
+    return min(64, max(8, 1 << max(0, (pairs // (2 * num_experts)).bit_length() - 1)))
+
+
+def num_blocks(pairs: int, num_experts: int, block: int) -> int:
+    """The blocks that hold `pairs` sorted rows with every expert's group padded to whole blocks."""
+    return -(-(pairs + num_experts * (block - 1)) // block)
 
 
 def _combine(y_nd: jax.Array, weights_n: jax.Array, token_n: jax.Array, num_tokens: int, dtype) -> jax.Array:
@@ -76,6 +98,28 @@ def _grouped(x_td, experts_tk, weights_tk, experts, act) -> jax.Array:
     h_nf = act(jax.lax.ragged_dot(x_nd, gate, sizes)) * jax.lax.ragged_dot(x_nd, up, sizes)
     y_nd = jax.lax.ragged_dot(h_nf, down, sizes)
     return _combine(y_nd, weights_tk.reshape(-1)[order], token, t, x_td.dtype)
+
+
+def _blocked(x_td, experts_tk, weights_tk, experts, act, block: int) -> jax.Array:
+    t, k = experts_tk.shape
+    num_experts = experts[0].shape[0]
+    pairs = t * k
+    flat = experts_tk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    expert_of = flat[order]  # of each sorted pair
+    sizes = jnp.bincount(flat, length=num_experts)
+    padded = -(-sizes // block) * block
+    ends = jnp.cumsum(padded)
+    # Sorted pair i of expert e lands at row (e's padded start) + (i - e's first sorted pair).
+    row = (ends - padded)[expert_of] + jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert_of]
+    nb = num_blocks(pairs, num_experts, block)
+    token_of_row = jnp.full(nb * block, t, jnp.int32).at[row].set(order // k)  # t: a zero row
+    block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(nb) * block, side="right"), num_experts - 1)
+    x_brd = jnp.concatenate([x_td, jnp.zeros_like(x_td[:1])])[token_of_row].reshape(nb, block, -1)
+    gate, up, down = (_expert_rows(w, block_expert) for w in experts)
+    h_brf = act(jnp.einsum("brd,bdf->brf", x_brd, gate)) * jnp.einsum("brd,bdf->brf", x_brd, up)
+    y_rd = jnp.einsum("brf,bfd->brd", h_brf, down).reshape(nb * block, -1)
+    return _combine(y_rd[row], weights_tk.reshape(-1)[order], order // k, t, x_td.dtype)
 
 
 def _expert_rows(w, chosen: jax.Array) -> jax.Array:
