@@ -19,6 +19,7 @@ import torch
 import transformers
 
 import ferrum_jax as fj
+from executor_runs import prefill_then_decode
 from ferrum_jax.models.layer_loops import layer_loops
 from ferrum_jax.models.registry import declarations, model_config
 import gemma_models
@@ -41,21 +42,6 @@ def prompt(n: int = PROMPT_LEN) -> np.ndarray:
 def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
     err = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
     assert err <= REL_TOL, f"rel err {err:.2e}"
-
-
-def prefill_then_decode(ex, ids: np.ndarray, decode: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Prefill logits `[n, vocab]` and the logits of decoding `decode` one token at a time."""
-
-    async def go():
-        out = await ex.prefill(fj.PrefillInput(input_ids=ids))
-        handle, steps = out.kv_cache, []
-        for tok in decode:
-            d = await ex.decode(fj.DecodeInput(input_ids=np.array([[tok]], np.int32), kv_cache=handle))
-            handle = d.kv_cache
-            steps.append(np.asarray(d.logits)[0])
-        return np.asarray(out.logits)[0], np.stack(steps)
-
-    return asyncio.run(go())
 
 
 @pytest.mark.parametrize("tp, attention", [(1, "xla"), (2, "xla"), (1, "pallas"), (2, "pallas")])

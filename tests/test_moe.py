@@ -17,6 +17,7 @@ import torch
 import transformers
 
 import ferrum_jax as fj
+from executor_runs import prefill_then_decode
 import jax
 import jax.numpy as jnp
 from ferrum_jax.engine import Engine, EngineConfig, SamplingParams
@@ -68,19 +69,6 @@ def hf_logits(model, ids: np.ndarray) -> np.ndarray:
 def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
     err = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
     assert err <= REL_TOL, f"rel err {err:.2e}"
-
-
-def prefill_then_decode(ex, ids: np.ndarray, decode: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    async def go():
-        out = await ex.prefill(fj.PrefillInput(input_ids=ids))
-        handle, steps = out.kv_cache, []
-        for tok in decode:
-            d = await ex.decode(fj.DecodeInput(input_ids=np.array([[tok]], np.int32), kv_cache=handle))
-            handle = d.kv_cache
-            steps.append(np.asarray(d.logits)[0])
-        return np.asarray(out.logits)[0], np.stack(steps)
-
-    return asyncio.run(go())
 
 
 @pytest.mark.parametrize("tp", [1, 2])

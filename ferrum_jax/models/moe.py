@@ -35,7 +35,7 @@ PARAMS = ("router", "gate", "up", "down")
 
 
 class SparseMoE(nnx.Module):
-    """`[tokens, hidden] -> [tokens, hidden]`; parameters `layers.moe.{router, gate, up, down}`."""
+    """`[tokens, hidden] -> [tokens, hidden]`; parameters `layers.mlp.{router, gate, up, down}`."""
 
     def __init__(self, cfg: ModelConfig, decls: Declarations, *, dtype, rngs: nnx.Rngs, quant: Quantization | None = None):
         if quant is not None:
@@ -44,7 +44,7 @@ class SparseMoE(nnx.Module):
         self.k, self.norm_topk, self.float32_weights = cfg.experts_per_token, cfg.norm_topk_prob, cfg.moe_float32_weights
         self.hidden_act = cfg.hidden_act
         for name in PARAMS:
-            shape = decls[f"layers.moe.{name}"].shape
+            shape = decls[f"layers.mlp.{name}"].shape
             w = jax.random.normal(rngs.params(), shape, jnp.float32) / shape[-2] ** 0.5
             setattr(self, name, nnx.Param(w.astype(dtype)))
 

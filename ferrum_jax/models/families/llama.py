@@ -98,7 +98,13 @@ class DecoderLayer(nnx.Module):
         self.input_norm = RMSNorm(decls["layers.input_norm.weight"], eps, dtype=dtype)
         self.attn = Attention(cfg, decls, dtype=dtype, rngs=rngs, quant=quant)
         self.post_attn_norm = RMSNorm(decls["layers.post_attn_norm.weight"], eps, dtype=dtype)
-        self.mlp = MLP(decls, cfg.hidden_act, dtype=dtype, rngs=rngs, quant=quant)
+        self.mlp = self.feed_forward(cfg, decls, dtype=dtype, rngs=rngs, quant=quant)
+
+    @staticmethod
+    def feed_forward(cfg: ModelConfig, decls: Declarations, *, dtype, rngs: nnx.Rngs, quant: Quantization | None) -> nnx.Module:
+        """The block after attention, `(x_td, backend) -> x_td`: the gated MLP (families.moe's
+        layer puts its sparse mixture of experts here)."""
+        return MLP(decls, cfg.hidden_act, dtype=dtype, rngs=rngs, quant=quant)
 
     def __call__(self, h_td, rope, k_pages, v_pages, meta, backend, sliding_window, k_scale=None, v_scale=None) -> tuple[jax.Array, jax.Array, jax.Array]:
         attn_td, k_pages, v_pages = self.attn(

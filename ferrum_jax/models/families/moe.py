@@ -13,17 +13,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 from flax import nnx
 
 from ferrum_jax.interfaces.errors import FerrumError
-from ferrum_jax.models.attention import Attention
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.declare import TRANSPOSE, Declarations, ParamDecl, vector
+from ferrum_jax.models.families import llama
 from ferrum_jax.models.families.llama import attention_decls, config as llama_config, embedding_decls
 from ferrum_jax.models.family import Family
 from ferrum_jax.models.moe import SparseMoE
-from ferrum_jax.models.norm import RMSNorm
 from ferrum_jax.models.quantization import Quantization
 
 _HF = "model.layers.{}."
@@ -44,28 +42,19 @@ def declare(cfg: ModelConfig, vocab_rows: int) -> list[ParamDecl]:
         vector("layers.input_norm.weight", (d,), (None,), _HF + "input_layernorm.weight", None, "ones"),
         vector("layers.post_attn_norm.weight", (d,), (None,), _HF + "post_attention_layernorm.weight", None, "ones"),
         *attention_decls(cfg, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm),
-        ParamDecl("layers.moe.router", (d, e), (None, None), router, None, TRANSPOSE),
-        ParamDecl("layers.moe.gate", (e, d, f), ("experts", None, "ffn"), gate, None, TRANSPOSE),
-        ParamDecl("layers.moe.up", (e, d, f), ("experts", None, "ffn"), up, None, TRANSPOSE),
-        ParamDecl("layers.moe.down", (e, f, d), ("experts", "ffn", None), down, None, TRANSPOSE),
+        ParamDecl("layers.mlp.router", (d, e), (None, None), router, None, TRANSPOSE),
+        ParamDecl("layers.mlp.gate", (e, d, f), ("experts", None, "ffn"), gate, None, TRANSPOSE),
+        ParamDecl("layers.mlp.up", (e, d, f), ("experts", None, "ffn"), up, None, TRANSPOSE),
+        ParamDecl("layers.mlp.down", (e, f, d), ("experts", "ffn", None), down, None, TRANSPOSE),
     ]
 
 
-class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, decls: Declarations, *, dtype, rngs: nnx.Rngs, quant: Quantization | None = None):
-        eps = cfg.rms_norm_eps
-        self.input_norm = RMSNorm(decls["layers.input_norm.weight"], eps, dtype=dtype)
-        self.attn = Attention(cfg, decls, dtype=dtype, rngs=rngs, quant=quant)
-        self.post_attn_norm = RMSNorm(decls["layers.post_attn_norm.weight"], eps, dtype=dtype)
-        self.moe = SparseMoE(cfg, decls, dtype=dtype, rngs=rngs, quant=quant)
+class DecoderLayer(llama.DecoderLayer):
+    """Llama's decoder layer with the sparse mixture of experts as its MLP."""
 
-    def __call__(self, h_td, rope, k_pages, v_pages, meta, backend, sliding_window, k_scale=None, v_scale=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        attn_td, k_pages, v_pages = self.attn(
-            self.input_norm(h_td), rope, k_pages, v_pages, meta, backend, sliding_window, k_scale, v_scale
-        )
-        h_td = h_td + attn_td
-        h_td = h_td + self.moe(self.post_attn_norm(h_td), backend)
-        return h_td, k_pages, v_pages
+    @staticmethod
+    def feed_forward(cfg: ModelConfig, decls: Declarations, *, dtype, rngs: nnx.Rngs, quant: Quantization | None) -> nnx.Module:
+        return SparseMoE(cfg, decls, dtype=dtype, rngs=rngs, quant=quant)
 
 
 def config(d: dict[str, Any], tag: str) -> ModelConfig:
