@@ -91,3 +91,19 @@ def test_over_the_limits_is_named():
         b.shape_for(65, 1, False)
     with pytest.raises(fj.InvalidRequestError, match="9 sequences in one step exceeds the limit 8"):
         b.shape_for(20, 9, False)
+
+
+def test_a_moe_decode_on_a_tpu_keeps_its_decode_buckets():
+    """Qwen3-30B-A3B in bfloat16 on a v6e: 3.08e9 bytes of dense weights and 57.98e9 of experts
+    against 2.72e9 active layer parameters. A decode of 8 tokens gathers 64 of the 128 experts
+    (models.moe), half the expert stream: 317 + 0.5 x 5971 = 3303 tokens of time against the
+    16-token step's 317 + 5971 = 6288, so every decode bucket pays (a dense model's do not)."""
+    cfg = model_config_from_dir(REPO / "configs" / "models" / "qwen3-30b-a3b")
+    _, state = abstract_model(cfg, "bfloat16", 1, None)
+    cost = step_cost(cfg, state, SimpleNamespace(platform="tpu", device_kind="TPU v6 lite"))
+    per_token = 918e12 / 1640e9 / (2 * 2_717_908_992)
+    assert cost.ridge_tokens == pytest.approx(per_token * 2 * (30_532_122_624 - 28_991_029_248), rel=1e-6)
+    assert cost.expert_ridge_tokens == pytest.approx(per_token * 2 * 28_991_029_248, rel=1e-6)
+    assert cost.time(8, 8) == pytest.approx(cost.ridge_tokens + cost.expert_ridge_tokens / 2)
+    b = BucketSpec(max_num_batched_tokens=512, max_num_seqs=16, pages_per_seq=256, cost=cost)
+    assert b.decode_buckets == (1, 2, 4, 8) and b.shape_for(1, 1, False) == StepShape(1, 1, 1)

@@ -13,6 +13,12 @@ padding tokens or rows costs nothing. Llama-3-8B in bfloat16: 560 tokens on a v6
 H100. Without a chip's figures (CPU) it is 1: every token counts, which keeps every bucket.
 row_tokens: one logit row's lm_head FLOPs in tokens (hidden x vocab / layer parameters): 0.075
 for Llama-3-8B, 0.27 for SmolLM2-135M.
+A mixture-of-experts model streams its dense weights whatever the step, but of its expert stacks
+only what its token-expert pairs gather (models.moe: one expert's weights a pair, all of them
+once the pairs reach the expert count): the ridge grows with the tokens,
+ridge_tokens + expert_ridge_tokens x min(1, tokens x experts_per_token / num_experts), so on a
+chip a 1-token decode of Qwen3-30B-A3B (8 of 128 experts) costs a sixteenth of the expert
+stream a 16-token step does, and its decode buckets pay.
 
 A smaller bucket is compiled when the next larger one would cost more than PADDING_TOLERANCE
 over it. The model leaves out what makes a padded token dearer than its FLOPs (activations,
@@ -31,19 +37,25 @@ PADDING_TOLERANCE = 0.02
 class StepCost:
     ridge_tokens: float
     row_tokens: float
+    expert_ridge_tokens: float = 0.0
+    expert_share_per_token: float = 0.0  # experts_per_token / num_experts
 
     def time(self, tokens: int, rows: int) -> float:
-        return max(self.ridge_tokens, tokens + rows * self.row_tokens)
+        stream = self.ridge_tokens + self.expert_ridge_tokens * min(1.0, tokens * self.expert_share_per_token)
+        return max(stream, tokens + rows * self.row_tokens)
 
     def pays(self, small: tuple[int, int], large: tuple[int, int]) -> bool:
         """Whether a step of `small` (tokens, rows) costs enough less than `large` for a program."""
         return self.time(*large) > (1 + PADDING_TOLERANCE) * self.time(*small)
 
 
-def model_step_cost(layer_params: int, hidden_x_vocab: int, weight_bytes: int,
-                    peak_flops: float | None, hbm_bytes_per_s: float | None) -> StepCost:
-    """The StepCost of a model on a chip (peaks None: no roofline, FLOP-bound)."""
+def model_step_cost(layer_params: int, hidden_x_vocab: int, weight_bytes: int, peak_flops: float | None,
+                    hbm_bytes_per_s: float | None, expert_bytes: int = 0, expert_share_per_token: float = 0.0) -> StepCost:
+    """The StepCost of a model on a chip (peaks None: no roofline, FLOP-bound). expert_bytes:
+    the part of weight_bytes in expert stacks, of which a token gathers expert_share_per_token."""
     row_tokens = hidden_x_vocab / layer_params
     if peak_flops is None or hbm_bytes_per_s is None:
         return StepCost(1.0, row_tokens)
-    return StepCost(peak_flops * weight_bytes / (hbm_bytes_per_s * 2 * layer_params), row_tokens)
+    tokens_per_byte = peak_flops / (hbm_bytes_per_s * 2 * layer_params)
+    return StepCost(tokens_per_byte * (weight_bytes - expert_bytes), row_tokens, tokens_per_byte * expert_bytes,
+                    expert_share_per_token)

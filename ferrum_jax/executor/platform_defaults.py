@@ -15,6 +15,7 @@ from ferrum_jax.batch.step_cost import StepCost, model_step_cost
 from ferrum_jax.chips import chip_of
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
+from ferrum_jax.models.param_tree import flatten_state
 from ferrum_jax.models.registry import declarations
 
 ATTENTION_CHOICES = ("auto", "xla", "pallas")
@@ -50,7 +51,10 @@ def step_cost(cfg: ModelConfig, state, device) -> StepCost:
     """The bucketing cost model (batch.step_cost) of `cfg` with parameters `state` (arrays or
     ShapeDtypeStructs: their bytes, quantized or not) on `device`'s chip; a CPU, or a chip
     missing from ferrum_jax.chips, gets no roofline."""
-    weight_bytes = sum(jax.dtypes.itemsize_bits(x.dtype) * math.prod(x.shape) // 8 for x in jax.tree.leaves(state))
+    decls = declarations(cfg)
+    nbytes = {path: jax.dtypes.itemsize_bits(x.dtype) * math.prod(x.shape) // 8 for path, x in flatten_state(state).items()}
+    experts = sum(n for path, n in nbytes.items() if (d := decls.get(path)) is not None and d.axes[:1] == ("experts",))
     chip = chip_of(device.device_kind) if on_accelerator(device.platform) else None
-    return model_step_cost(declarations(cfg).layer_matmul_parameters(), cfg.hidden_size * cfg.vocab_size, weight_bytes,
-                           chip.bf16_tflops * 1e12 if chip else None, chip.hbm_gbps * 1e9 if chip else None)
+    return model_step_cost(decls.layer_matmul_parameters(), cfg.hidden_size * cfg.vocab_size, sum(nbytes.values()),
+                           chip.bf16_tflops * 1e12 if chip else None, chip.hbm_gbps * 1e9 if chip else None,
+                           experts, cfg.experts_per_token / cfg.num_experts if cfg.num_experts else 0.0)
