@@ -1,6 +1,6 @@
 """Benchmarks, one entry point: `python -m ferrum_jax.bench [NAME] [options]`.
 
-    (none)          executor.py      the executor vs HF transformers, same weights, one process
+    (none)          executor.py      the executor vs HF transformers, same weights, one process (`--moe`: a Qwen3-MoE shape)
     serve           serve.py         drive a running OpenAI server like `vllm bench serve`
     serve-vs-hf     serve_vs_hf.py   the server vs HF static batches
     serve-vs-vllm   serve_vs_vllm.py the server vs vLLM's CPU build, same weights and workload
@@ -19,6 +19,7 @@
     gpu-attention   gpu_attention.py the GPU attention kernel's correctness and speed
     gpu             gpu.py           a random Llama-3-8B-shaped model on the accelerator: decode/prefill tok/s, % of HBM
     roofline        roofline.py      compile-only decode rooflines for TPU/GPU targets (the BENCHMARKS.md table)
+    layer-stack     layer_stack.py   XLA:CPU reading decoder weights out of a stacked array vs separate arrays
 
 None of them is part of the test suite; each module's docstring says what it measures and how.
 """
