@@ -40,6 +40,7 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         budget = self.max_num_batched_tokens
         free = self.executor.num_free_pages
+        promised = 0  # pages the work so far will take when it launches (still free until then)
         work: list[tuple[Request, int]] = []
         preempted: list[Request] = []
         for req in list(self.running):
@@ -59,12 +60,13 @@ class Scheduler:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
-                free = self.executor.num_free_pages
+                free = self.executor.num_free_pages - promised
                 if victim is req:
                     break
             if req.state is not RequestState.RUNNING:
                 continue
             free -= need
+            promised += need
             budget -= charge
             req.spec_budget = charge - n
             work.append((req, n))
