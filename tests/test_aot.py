@@ -318,3 +318,26 @@ def test_gemma3_270m_on_gpu_runs_the_triton_kernel_at_head_dim_256(tmp_path):
         assert len(re.findall(r" while\(", text)) == 1, name
         assert text.count('name = "ragged_paged_attention_gpu"') == 6, name
         assert text.count('name = "layer_matmul"') == 42, name
+
+
+QWEN3_MOE = str(REPO / "configs" / "models" / "qwen3-30b-a3b")
+
+
+@needs_tpu
+def test_qwen3_30b_a3b_fits_a_v6e_8_and_a_decode_reads_its_experts_only(tmp_path):
+    """Qwen3-30B-A3B (48 layers of 128 experts, top-8) at TP 8 on a v6e-8: a chip holds its
+    eighth of every expert's MLP width, and with them 7,831,580,672 bytes (hand count below). A
+    1-token decode keeps its own bucket (batch.step_cost: it gathers 8 of 128 experts, a 16-token
+    step all of them), and its roofline reads the dense weights and a sixteenth of the experts."""
+    code, report, _ = aot(tmp_path, "--target", "tpu-v6e-8", "--model", QWEN3_MOE, "--tensor-parallel-size", "8",
+                          "--max-model-len", "4096", "--max-num-seqs", "4", "--max-num-batched-tokens", "16",
+                          "--programs", "logits_last")  # fmt: skip
+    assert code == 0 and report["fits"] and report["kv_pool_copies"] == 0, report
+    experts = 48 * 128 * 3 * 2048 * 768 * 2 // 8
+    embeddings = 2 * (151936 // 8) * 2048 * 2  # the vocabulary split eight ways
+    # q/o split by heads; 4 KV heads on 8 chips: k/v replicated; norms and the router replicated.
+    layer = (2 * 2048 * 4096 // 8 + 2 * 2048 * 512 + 2 * 2048 + 2 * 128 + 2048 * 128) * 2
+    dense = embeddings + 48 * layer + 2048 * 2
+    assert report["weight_bytes_per_device"] == dense + experts == 7_831_580_672
+    decode = report["decode"]["decode_1"]
+    assert decode["program"] == "step_t1_s1_l1" and decode["weight_bytes"] == dense + experts // 16

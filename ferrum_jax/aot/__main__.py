@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from ferrum_jax.batch.buckets import BucketSpec
 from ferrum_jax.aot.hlo_checks import kv_pool_copies
-from ferrum_jax.aot.roofline import decode_rooflines, program_roofline
+from ferrum_jax.aot.roofline import DeviceWeights, decode_rooflines, program_roofline
 from ferrum_jax.aot.programs import (
     CompiledProgram,
     Limits,
@@ -49,7 +49,7 @@ from ferrum_jax.models import registry
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.kv.layout import kv_layout
 from ferrum_jax.kv.pages import kv_cache_dtype
-from ferrum_jax.models.param_tree import abstract_model, param_shardings, unflatten_into
+from ferrum_jax.models.param_tree import abstract_model, flatten_state, param_shardings, unflatten_into
 from ferrum_jax.models.quantization import Quantization
 from ferrum_jax.serve.settings import ServeSettings, parse_settings
 
@@ -108,13 +108,15 @@ def _describe(quant: Quantization | None) -> str | None:
     return quant.method if quant.group_size is None else f"{quant.method}-g{quant.group_size}"
 
 
-def weight_bytes_per_device(cfg: ModelConfig, limits: Limits, devices: list) -> int:
-    """The largest share of the parameters any one device holds."""
+def weights_per_device(cfg: ModelConfig, limits: Limits, devices: list) -> DeviceWeights:
+    """The largest share of the parameters any one device holds (and of it the expert stacks)."""
     _, abstract = abstract_model(cfg, jnp.dtype(limits.dtype), limits.tensor_parallel_size, Quantization.parse(limits.quantization))
     mesh = target_mesh(devices, limits.tensor_parallel_size)
     shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
     sizes = jax.tree.map(lambda a, sh: jax.dtypes.itemsize_bits(a.dtype) * _shard_elements(a.shape, sh) // 8, abstract, shardings)
-    return int(sum(jax.tree.leaves(sizes)))
+    decls = registry.declarations(cfg)
+    experts = sum(n for path, n in flatten_state(sizes).items() if decls.is_expert_stack(path))
+    return DeviceWeights(int(sum(jax.tree.leaves(sizes))), int(experts))
 
 
 def _shard_elements(shape, sharding) -> int:
@@ -122,7 +124,7 @@ def _shard_elements(shape, sharding) -> int:
 
 
 def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[CompiledProgram], buckets: BucketSpec,
-           weights: int, context_len: int) -> dict:
+           weights: DeviceWeights, context_len: int) -> dict:
     """The summary printed and written to --json."""
     tp = limits.tensor_parallel_size
     pool_shape = kv_page_shape(cfg, limits)
@@ -152,7 +154,7 @@ def report(cfg: ModelConfig, limits: Limits, target: Target, programs: list[Comp
         ],  # fmt: skip
         "compile_s": round(sum(p.seconds for p in programs), 1),
         "usable_bytes_per_device": usable,
-        "weight_bytes_per_device": weights,
+        "weight_bytes_per_device": weights.total,
         "kv_pool_bytes_per_device": pool_bytes,
         "peak_bytes_per_device": peak,
         "fits": peak <= usable,
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.dump_hlo:
         dump_hlo(compiled, args.dump_hlo)
-    r = report(cfg, limits, target, compiled, b, weight_bytes_per_device(cfg, limits, devices),
+    r = report(cfg, limits, target, compiled, b, weights_per_device(cfg, limits, devices),
                args.context_len or limits.max_model_len // 2)
     print_roofline(r, target)
     print(

@@ -3,7 +3,8 @@ moves beyond that, and the step time and tokens/s they predict on the target chi
 
 Per device, for a step of T tokens in S sequences (T/S new tokens each) that each hold
 `context_len` tokens of KV:
-  weights      every parameter the device holds, read once;
+  weights      every parameter the device holds, read once; of a mixture of experts' stacks only
+               what the step's T x k token-expert pairs gather (all experts from T x k = E on);
   kv read      each sequence's context once per layer (a sliding-window layer its window);
   kv written   T tokens' K and V in every layer;
   logits       the float32 logits rows the step returns;
@@ -27,6 +28,8 @@ fusions, which it does not count, so the sum is a lower bound there.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from ferrum_jax.aot.hlo_traffic import traffic
@@ -46,8 +49,24 @@ def _activation_bytes_per_token(cfg: ModelConfig, tp: int, itemsize: int) -> int
     return cfg.num_layers * per_layer * itemsize
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceWeights:
+    """The parameter bytes one device holds, and the part of them in expert stacks."""
+
+    total: int
+    experts: int = 0
+
+    def read_by(self, cfg: ModelConfig, tokens: int) -> int:
+        """What a step of `tokens` (padding included: padding rows route too) must read: the dense
+        weights, and of the experts what its token-expert pairs gather (models.moe)."""
+        if not cfg.num_experts:
+            return self.total
+        share = min(1.0, tokens * cfg.experts_per_token / cfg.num_experts)
+        return self.total - self.experts + round(self.experts * share)
+
+
 def program_roofline(cfg: ModelConfig, limits: Limits, target: Target, program: CompiledProgram,
-                     weight_bytes: int, context_len: int, served: tuple[int, int] | None = None) -> dict:
+                     weights: DeviceWeights, context_len: int, served: tuple[int, int] | None = None) -> dict:
     """The roofline of one step program (see the module docstring); bytes and FLOPs per device.
     served: the (tokens, sequences) of the batch run in it (default: the bucket's); padding
     tokens and rows are computed, but only served sequences read KV and only served tokens count
@@ -63,6 +82,7 @@ def program_roofline(cfg: ModelConfig, limits: Limits, target: Target, program: 
     kv_written = tokens * cfg.num_layers * kv_token
     logits = rows * cfg.vocab_size * 4
     activations = tokens * _activation_bytes_per_token(cfg, tp, itemsize)
+    weight_bytes = weights.read_by(cfg, tokens)
     t = traffic(program.hlo)
     excess_written = max(0, t.written_bytes - kv_written - logits - activations)
     excess = 2 * excess_written + t.vmem_fill_bytes
@@ -96,7 +116,7 @@ def program_roofline(cfg: ModelConfig, limits: Limits, target: Target, program: 
 
 
 def decode_rooflines(cfg: ModelConfig, limits: Limits, target: Target, programs: list[CompiledProgram],
-                     buckets: BucketSpec, weight_bytes: int, context_len: int) -> dict[str, dict]:
+                     buckets: BucketSpec, weights: DeviceWeights, context_len: int) -> dict[str, dict]:
     """Decode steps of one token in each of 1 and max_num_seqs sequences, in the program that
     serves them (a bucket may pad them: batch.buckets), where it was compiled."""
     out = {}
@@ -104,5 +124,5 @@ def decode_rooflines(cfg: ModelConfig, limits: Limits, target: Target, programs:
         shape = buckets.shape_for(n, n, all_rows=False)
         program = next((p for p in programs if p.shape == shape), None)
         if program is not None:
-            out[f"decode_{n}"] = program_roofline(cfg, limits, target, program, weight_bytes, context_len, (n, n))
+            out[f"decode_{n}"] = program_roofline(cfg, limits, target, program, weights, context_len, (n, n))
     return out

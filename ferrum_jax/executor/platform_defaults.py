@@ -53,7 +53,7 @@ def step_cost(cfg: ModelConfig, state, device) -> StepCost:
     missing from ferrum_jax.chips, gets no roofline."""
     decls = declarations(cfg)
     nbytes = {path: jax.dtypes.itemsize_bits(x.dtype) * math.prod(x.shape) // 8 for path, x in flatten_state(state).items()}
-    experts = sum(n for path, n in nbytes.items() if (d := decls.get(path)) is not None and d.axes[:1] == ("experts",))
+    experts = sum(n for path, n in nbytes.items() if decls.is_expert_stack(path))
     chip = chip_of(device.device_kind) if on_accelerator(device.platform) else None
     return model_step_cost(decls.layer_matmul_parameters(), cfg.hidden_size * cfg.vocab_size, sum(nbytes.values()),
                            chip.bf16_tflops * 1e12 if chip else None, chip.hbm_gbps * 1e9 if chip else None,

@@ -137,12 +137,17 @@ class Declarations:
         """Float parameters (a tied lm_head is not declared, so not counted twice)."""
         return sum(math.prod(d.shape) * (self.num_layers if d.per_layer else 1) for d in self)
 
+    def is_expert_stack(self, path: str) -> bool:
+        """Whether `path` is a mixture of experts' stack (its first axis indexes the experts)."""
+        d = self.by_path.get(path)
+        return d is not None and d.axes[:1] == ("experts",)
+
     def layer_matmul_parameters(self) -> int:
         """The decoder layers' weights each token multiplies (2 FLOPs a weight): the linear ones,
         and of an expert stack the experts a token takes."""
         total = 0
         for d in self:
-            if d.per_layer and d.axes[:1] == ("experts",):
+            if d.per_layer and self.is_expert_stack(d.path):
                 total += math.prod(d.shape[1:]) * self.experts_per_token * self.num_layers
             elif d.per_layer and d.n_in is not None:
                 total += math.prod(d.shape) * self.num_layers
