@@ -9,8 +9,10 @@ rows costs
 
 ridge_tokens: the tokens whose FLOPs take as long as streaming the weights once (chip peak x
 weight bytes / (HBM bandwidth x 2 x layer parameters)); below it a step is a weight stream and
-padding tokens or rows costs nothing. Llama-3-8B in bfloat16: 560 tokens on a v6e, 295 on an
-H100. Without a chip's figures (CPU) it is 1: every token counts, which keeps every bucket.
+padding tokens or rows costs nothing. Llama-3-8B in bfloat16 (16.06e9 bytes, embedding
+included): 644 tokens on a v6e, 340 on an H100. Without a chip's figures (CPU) it is 1: every
+token counts, which keeps the decode buckets and drops only sequence buckets whose padding rows
+cost under 2% of the step.
 row_tokens: one logit row's lm_head FLOPs in tokens (hidden x vocab / layer parameters): 0.075
 for Llama-3-8B, 0.27 for SmolLM2-135M.
 A mixture-of-experts model streams its dense weights whatever the step, but of its expert stacks
