@@ -20,6 +20,7 @@
     gpu             gpu.py           a random Llama-3-8B-shaped model on the accelerator: decode/prefill tok/s, % of HBM
     roofline        roofline.py      compile-only decode rooflines for TPU/GPU targets (the BENCHMARKS.md table)
     layer-stack     layer_stack.py   XLA:CPU reading decoder weights out of a stacked array vs separate arrays
+    sampler         sampler.py       the on-device sampler alone: greedy, top-p, penalties over 32 rows
 
 None of them is part of the test suite; each module's docstring says what it measures and how.
 """

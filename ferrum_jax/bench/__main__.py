@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "gpu": "gpu",
     "roofline": "roofline",
     "layer-stack": "layer_stack",
+    "sampler": "sampler",
 }
 
 
