@@ -23,8 +23,10 @@ import jax.numpy as jnp
 from ferrum_jax.engine import Engine, EngineConfig, SamplingParams
 from ferrum_jax.engine.drafter import NgramDrafter
 import functools
+import re
 
-from ferrum_jax.models.moe import _blocked, _gathered, _grouped
+from ferrum_jax.models.layer_slice import LayerSlice
+from ferrum_jax.models.moe import _blocked, _gathered, _grouped, _in_place_cpu
 from ferrum_jax.models.registry import declarations, model_config_from_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,11 +98,17 @@ def _reference(x, experts, weights, gate, up, down):
     return out
 
 
-@pytest.mark.parametrize("run", [_grouped, _gathered, functools.partial(_blocked, block=8), functools.partial(_blocked, block=64)])
+def _in_place(x, experts, weights, stacks, act):
+    return _in_place_cpu(x, experts, weights, stacks, None)
+
+
+@pytest.mark.parametrize("run", [_grouped, _gathered, functools.partial(_blocked, block=8), functools.partial(_blocked, block=64),
+                                 _in_place])
 def test_every_token_on_one_expert_is_computed_in_full(run):
     """Dropless: all 40 tokens choose expert 2 first (no capacity: its group is 40 rows long),
     their second choices spread over the rest; every way of running the experts (the blocked
-    form with 8-row blocks: expert 2 spans five; with 64: one block each) against numpy."""
+    form with 8-row blocks: expert 2 spans five; with 64: one block each; the CPU kernel's 40-row
+    expert) against numpy."""
     rng = np.random.default_rng(0)
     t, d, f, e = 40, 16, 24, 5
     x = rng.normal(size=(t, d)).astype(np.float32)
@@ -110,6 +118,24 @@ def test_every_token_on_one_expert_is_computed_in_full(run):
     weights = rng.uniform(0.1, 1.0, size=(t, 2)).astype(np.float32)
     y = run(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), tuple(map(jnp.asarray, (gate, up, down))), jax.nn.silu)
     np.testing.assert_allclose(np.asarray(y), _reference(x, experts, weights, gate, up, down), rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_kernel_reads_the_stacks_in_place():
+    """A decode token through a loop over stacked layers: the compiled program hands the whole
+    stacks to the kernel (the layer index beside them) and copies, slices or gathers no weight."""
+    layers, e, d, f = 3, 8, 64, 32
+    stacks = (jnp.ones((layers, e, d, f)), jnp.ones((layers, e, d, f)), jnp.ones((layers, e, f, d)))
+
+    def forward(x, experts, weights, gate, up, down):
+        def layer(i, x):
+            return x + _in_place_cpu(x, experts, weights, tuple(LayerSlice(w, i) for w in (gate, up, down)), None)
+        return jax.lax.fori_loop(0, layers, layer, x)
+
+    args = (jnp.ones((1, d)), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)), *stacks)
+    hlo = jax.jit(forward).lower(*args).compile().as_text()
+    assert "custom-call" in hlo and "ferrum_moe_cpu" in hlo
+    weight_ops = re.findall(rf"= f32\[[^\]]*{d},{f}\]\S* (copy|dynamic-slice|gather|slice)\(|= f32\[[^\]]*{f},{d}\]\S* (copy|dynamic-slice|gather|slice)\(", hlo)
+    assert not weight_ops, weight_ops
 
 
 def greedy_hf(model, ids: list[int], n: int) -> list[int]:

@@ -21,6 +21,7 @@
     roofline        roofline.py      compile-only decode rooflines for TPU/GPU targets (the BENCHMARKS.md table)
     layer-stack     layer_stack.py   XLA:CPU reading decoder weights out of a stacked array vs separate arrays
     sampler         sampler.py       the on-device sampler alone: greedy, top-p, penalties over 32 rows
+    moe-forms       moe_forms.py     a mixture of experts' CPU forms side by side (C++ kernel in place, gathered, blocked) by tokens
 
 None of them is part of the test suite; each module's docstring says what it measures and how.
 """

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "roofline": "roofline",
     "layer-stack": "layer_stack",
     "sampler": "sampler",
+    "moe-forms": "moe_forms",
 }
 
 

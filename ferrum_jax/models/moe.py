@@ -12,7 +12,10 @@ step's static shape and the platform:
   gathers its expert's weights from the stack, so the step reads only the experts tokens chose;
 - grouped, TPU/GPU: the pairs sorted by expert, every expert's rows one group of
   `jax.lax.ragged_dot` (XLA's ragged dot instruction there), the outputs unsorted and summed;
-- blocked, CPU: XLA:CPU has no ragged dot (jax lowers it to a dense product of every row with
+- in place, CPU, up to `KERNEL_MAX_ROWS_PER_EXPERT` pairs an expert on average (decode): the
+  C++ kernel (pallas_kernels.expert_mlp) streams each chosen expert's weights once from the
+  stack, where XLA:CPU would write every gathered slice out before its dot;
+- blocked, CPU, larger steps or without a C++ compiler: XLA:CPU has no ragged dot (jax lowers it to a dense product of every row with
   every expert, masked: 64x the FLOPs at 64 experts), so the sorted pairs are laid out in
   blocks of `block` rows, each expert's rows padded to whole blocks, and each block multiplies
   its expert's weights (gathered per block): at most `num_experts x (block - 1)` padding rows.
@@ -23,6 +26,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels.expert_mlp.cpu_kernel import expert_mlp_cpu, kernel_supports, target_name as cpu_kernel_target
 
 from ferrum_jax.interfaces.errors import FerrumError
 from ferrum_jax.models.config import ModelConfig
@@ -32,6 +38,9 @@ from ferrum_jax.models.mlp import ACTIVATIONS
 from ferrum_jax.models.quantization import Quantization
 
 PARAMS = ("router", "gate", "up", "down")
+# Above this many token-expert pairs per expert the CPU kernel's axpy loops stop beating the
+# blocked form's dots (`python -m ferrum_jax.bench moe-forms`: 1.7x faster at 32, even at 64).
+KERNEL_MAX_ROWS_PER_EXPERT = 32
 
 
 class SparseMoE(nnx.Module):
@@ -57,10 +66,12 @@ class SparseMoE(nnx.Module):
             weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
         if not self.float32_weights:
             weights_tk = weights_tk.astype(x_td.dtype)
-        experts, act = (self.gate, self.up, self.down), ACTIVATIONS[self.hidden_act]
+        experts, act = tuple(w.get_value() for w in (self.gate, self.up, self.down)), ACTIVATIONS[self.hidden_act]
         pairs, num_experts = experts_tk.size, self.gate.shape[0]
         platform = jax.default_backend() if backend is None else backend.platform
         if platform == "cpu":
+            if pairs <= KERNEL_MAX_ROWS_PER_EXPERT * num_experts and self._cpu_kernel(x_td):
+                return _in_place_cpu(x_td, experts_tk, weights_tk, experts, None if backend is None else backend.mesh)
             block = row_block(pairs, num_experts)
             if pairs <= num_blocks(pairs, num_experts, block):
                 return _gathered(x_td, experts_tk, weights_tk, experts, act)
@@ -68,6 +79,9 @@ class SparseMoE(nnx.Module):
         if pairs < num_experts:
             return _gathered(x_td, experts_tk, weights_tk, experts, act)
         return _grouped(x_td, experts_tk, weights_tk, experts, act)
+
+    def _cpu_kernel(self, x_td: jax.Array) -> bool:
+        return kernel_supports(x_td.dtype, self.gate.dtype, self.hidden_act) and cpu_kernel_target() is not None
 
 
 def row_block(pairs: int, num_experts: int) -> int:
@@ -128,6 +142,21 @@ def _expert_rows(w, chosen: jax.Array) -> jax.Array:
     if isinstance(w, LayerSlice):
         return w.stack[w.index, chosen]
     return w[...][chosen]
+
+
+def _in_place_cpu(x_td, experts_tk, weights_tk, experts, mesh) -> jax.Array:
+    """The CPU kernel over the layer's stacks in place; under tensor parallelism each shard runs
+    it on its slice of the experts' inner width and the partial outputs are summed."""
+    stacks = [w.stack if isinstance(w, LayerSlice) else w[...][None] for w in experts]
+    layer = experts[0].index if isinstance(experts[0], LayerSlice) else jnp.int32(0)
+    args = (x_td.astype(jnp.float32), experts_tk, weights_tk.astype(jnp.float32), layer, *stacks)
+    tp = 1 if mesh is None else mesh.shape["model"]
+    if tp == 1:
+        return expert_mlp_cpu(*args).astype(x_td.dtype)
+    run = lambda *a: jax.lax.psum(expert_mlp_cpu(*a), "model")  # noqa: E731
+    ffn_in, ffn_out = P(None, None, None, "model"), P(None, None, "model", None)
+    specs = (P(), P(), P(), P(), ffn_in, ffn_in, ffn_out)
+    return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(*args).astype(x_td.dtype)
 
 
 def _gathered(x_td, experts_tk, weights_tk, experts, act) -> jax.Array:
