@@ -26,8 +26,12 @@ import functools
 import re
 
 from ferrum_jax.models.layer_slice import LayerSlice
-from ferrum_jax.models.moe import _blocked, _gathered, _grouped, _in_place_cpu
+from ferrum_jax.models.moe import _blocked, _expert_parallel, _gathered, _grouped, _in_place_cpu
+from ferrum_jax.models.param_tree import flatten_state
 from ferrum_jax.models.registry import declarations, model_config_from_dir
+from ferrum_jax.models.sharding import make_mesh
+from ferrum_jax.serve.loading import build_executor
+from ferrum_jax.serve.settings import parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = dict(dtype="float32", page_size=8, max_batch_size=2, max_sequence_length=64, max_num_batched_tokens=64)
@@ -73,16 +77,21 @@ def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
     assert err <= REL_TOL, f"rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_moe_logits_match_hf(moe, tp):
-    """Prefill of 30 tokens (the grouped experts: 60-90 token-expert pairs), then 6 decode steps
-    (one token: its k experts gathered from the stack); at TP 2 every shard holds every expert's
-    half of the MLP width (the down projection's partial sums added over the shards)."""
+@pytest.mark.parametrize("tp,ep", [(1, False), (2, False), (2, True), (4, True)], ids=["tp1", "tp2", "ep2", "ep4"])
+def test_moe_logits_match_hf(moe, tp, ep):
+    """Prefill of 30 tokens (60-90 token-expert pairs), then 6 decode steps; at TP 2 every shard
+    holds every expert's half of the MLP width (the down projection's partial sums added over the
+    shards), with expert parallelism whole experts (8 / 6 / 4 over 2 shards, 8 and 4 over 4)."""
     path, model = moe
+    if ep and model_config_from_dir(path).num_experts % tp:
+        pytest.skip("experts do not divide over the shards (test_expert_parallel_refuses_uneven_experts)")
     ids = np.random.default_rng(3).integers(3, 300, size=(1, PROMPT_LEN), dtype=np.int32)
     decode = np.random.default_rng(7).integers(3, 300, size=6).astype(np.int32)
     want = hf_logits(model, np.concatenate([ids[0], decode])[None])
-    ex = fj.JaxModelExecutor.from_pretrained(path, tensor_parallel_size=tp, **LIMITS)
+    ex = fj.JaxModelExecutor.from_pretrained(path, tensor_parallel_size=tp, enable_expert_parallel=ep, **LIMITS)
+    if ep:
+        gate = flatten_state(ex._state)["layers.mlp.gate"]
+        assert gate.sharding.shard_shape(gate.shape)[1] == gate.shape[1] // tp  # whole experts a shard
     pre, steps = prefill_then_decode(ex, ids, decode)
     assert_close(pre, want[:PROMPT_LEN])
     assert_close(steps, want[PROMPT_LEN:])
@@ -118,6 +127,55 @@ def test_every_token_on_one_expert_is_computed_in_full(run):
     weights = rng.uniform(0.1, 1.0, size=(t, 2)).astype(np.float32)
     y = run(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), tuple(map(jnp.asarray, (gate, up, down))), jax.nn.silu)
     np.testing.assert_allclose(np.asarray(y), _reference(x, experts, weights, gate, up, down), rtol=1e-4, atol=1e-4)
+
+
+_FORMS = {"grouped": _grouped, "gathered": _gathered, "blocked": functools.partial(_blocked, block=8), "in_place": _in_place}
+
+
+@pytest.mark.parametrize("form", list(_FORMS))
+def test_picks_outside_the_stacks_add_nothing(form):
+    """An expert-parallel shard sees the other shards' picks shifted out of `[0, experts)`: every
+    form leaves them out (numpy over the in-range picks only)."""
+    rng = np.random.default_rng(1)
+    t, d, f, e = 12, 16, 24, 4
+    x = rng.normal(size=(t, d)).astype(np.float32)
+    gate, up = (rng.normal(size=(e, d, f)).astype(np.float32) / 4 for _ in range(2))
+    down = rng.normal(size=(e, f, d)).astype(np.float32) / 5
+    experts = rng.integers(-4, 2 * e, size=(t, 3)).astype(np.int32)
+    weights = rng.uniform(0.1, 1.0, size=(t, 3)).astype(np.float32)
+    y = _FORMS[form](jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), tuple(map(jnp.asarray, (gate, up, down))), jax.nn.silu)
+    mine = (experts >= 0) & (experts < e)
+    want = _reference(x, np.where(mine, experts, 0), np.where(mine, weights, 0), gate, up, down)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+@pytest.mark.parametrize("form", list(_FORMS))
+def test_expert_parallel_equals_one_device(form, shards):
+    """Each of 2 / 4 shards holds 4 / 2 of 8 whole experts and runs them for all 24 tokens; the
+    psum of the shards equals numpy over all experts, in every form."""
+    rng = np.random.default_rng(2)
+    t, d, f, e = 24, 16, 24, 8
+    x = rng.normal(size=(t, d)).astype(np.float32)
+    gate, up = (rng.normal(size=(e, d, f)).astype(np.float32) / 4 for _ in range(2))
+    down = rng.normal(size=(e, f, d)).astype(np.float32) / 5
+    experts = np.stack([rng.permutation(e)[:2] for _ in range(t)]).astype(np.int32)
+    weights = rng.uniform(0.1, 1.0, size=(t, 2)).astype(np.float32)
+    mesh = make_mesh(shards)
+    by_expert = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("model"))
+    stacks = tuple(jax.device_put(w, by_expert) for w in (gate, up, down))
+    run = lambda *a: _FORMS[form](*a, jax.nn.silu)  # noqa: E731
+    y = jax.jit(lambda *a: _expert_parallel(run, *a, mesh))(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), stacks)
+    np.testing.assert_allclose(np.asarray(y), _reference(x, experts, weights, gate, up, down), rtol=1e-4, atol=1e-4)
+
+
+def test_expert_parallel_refuses_uneven_experts(tmp_path):
+    """6 experts over 4 devices, asked for with the server's flag: refused, naming both numbers."""
+    config = CONFIGS["qwen3_moe_unnormalized"]()
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path, safe_serialization=True)
+    settings = parse_settings(["--model", str(tmp_path), "--tensor-parallel-size", "4", "--enable-expert-parallel"])
+    with pytest.raises(fj.FerrumError, match=r"num_experts=6.*tensor_parallel_size=4"):
+        build_executor(settings)
 
 
 def test_cpu_kernel_reads_the_stacks_in_place():

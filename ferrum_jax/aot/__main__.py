@@ -5,8 +5,8 @@
 
 Takes every `python -m ferrum_jax.serve` flag (and `--config` files) with the server's defaults;
 those that shape programs (--max-model-len, --max-num-seqs, --max-num-batched-tokens,
---page-size, --num-pages, --dtype, --quantization, --tensor-parallel-size, --attention, the
-speculative ones) matter here. The model is read for its config only: a directory holding just
+--page-size, --num-pages, --dtype, --quantization, --tensor-parallel-size,
+--enable-expert-parallel, --attention, the speculative ones) matter here. The model is read for its config only: a directory holding just
 config.json, a GGUF file's metadata, or a preset (a quantized ferrum checkpoint also for its
 quantization, which the server would restore). Compiles what the server's warmup would compile, on the
 target's compile-only devices with its attention kernel, and prints per program the compile
@@ -87,6 +87,7 @@ def resolve_limits(s: ServeSettings, target: Target, cfg: ModelConfig) -> Limits
         attention=s.attention or "auto",
         quantization=s.quantization or _stored_quantization(s),
         kv_cache_dtype=s.kv_cache_dtype,
+        enable_expert_parallel=s.enable_expert_parallel,
     )
 
 
@@ -112,7 +113,7 @@ def weights_per_device(cfg: ModelConfig, limits: Limits, devices: list) -> Devic
     """The largest share of the parameters any one device holds (and of it the expert stacks)."""
     _, abstract = abstract_model(cfg, jnp.dtype(limits.dtype), limits.tensor_parallel_size, Quantization.parse(limits.quantization))
     mesh = target_mesh(devices, limits.tensor_parallel_size)
-    shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
+    shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract, limits.expert_parallel))
     sizes = jax.tree.map(lambda a, sh: jax.dtypes.itemsize_bits(a.dtype) * _shard_elements(a.shape, sh) // 8, abstract, shardings)
     decls = registry.declarations(cfg)
     experts = sum(n for path, n in flatten_state(sizes).items() if decls.is_expert_stack(path))

@@ -51,6 +51,12 @@ class Limits:
     attention: str
     quantization: str | Quantization | None = None  # a method name, or a stored checkpoint's
     kv_cache_dtype: str = "auto"
+    enable_expert_parallel: bool = False
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether the MoE stacks split by expert: asked for, over more than one device."""
+        return self.enable_expert_parallel and self.tensor_parallel_size > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +102,7 @@ def abstract_inputs(cfg: ModelConfig, limits: Limits, mesh: Mesh, backend: Atten
     """(graphdef, ProgramInputs) of ShapeDtypeStructs sharded as a server would place them."""
     dtype = jnp.dtype(limits.dtype)
     graphdef, abstract = abstract_model(cfg, dtype, limits.tensor_parallel_size, Quantization.parse(limits.quantization))
-    shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
+    shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract, limits.expert_parallel))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     if wants_uint4(mesh.devices.flat[0].platform):
         state = state_to_uint4(state)
@@ -125,9 +131,10 @@ class ProgramSet:
 
 
 def program_set(cfg: ModelConfig, limits: Limits, devices: list) -> ProgramSet:
-    check_divisible(cfg, limits.tensor_parallel_size)
+    check_divisible(cfg, limits.tensor_parallel_size, limits.expert_parallel)
     mesh = target_mesh(devices, limits.tensor_parallel_size)
-    backend = AttentionBackend(resolve_attention(limits.attention, mesh.devices.flat[0].platform), mesh)
+    backend = AttentionBackend(resolve_attention(limits.attention, mesh.devices.flat[0].platform), mesh,
+                               limits.expert_parallel and cfg.num_experts > 0)
     graphdef, inputs = abstract_inputs(cfg, limits, mesh, backend, limits.max_num_seqs)
     buckets = BucketSpec(limits.max_num_batched_tokens, limits.max_num_seqs, -(-limits.max_model_len // limits.page_size),
                          step_cost(cfg, inputs.state, mesh.devices.flat[0]), kv_layout(cfg).num_groups)

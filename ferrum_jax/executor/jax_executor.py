@@ -75,6 +75,7 @@ from ferrum_jax.kv.pages import kv_cache_dtype as kv_cache_dtype_of
 from ferrum_jax.kv.prefix_cache import PrefixMatch
 from ferrum_jax.models.paged_attention import AttentionBackend
 from ferrum_jax.models.sharding import kv_rows, kv_scale_spec, kv_spec, make_mesh
+from pallas_kernels.expert_mlp.cpu_kernel import target_name as expert_kernel_target
 from ferrum_jax.models.config import ModelConfig
 from ferrum_jax.models.int4_codes import state_to_uint4, wants_uint4
 from ferrum_jax.models.param_tree import state_nbytes
@@ -119,15 +120,17 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         enable_prefix_caching: bool = True,
         quantization: Quantization | None = None,
         kv_cache_dtype: str = "auto",
+        enable_expert_parallel: bool = False,
     ):
-        """`state` must already be placed as `param_shardings(cfg, mesh)` says; the
+        """`state` must already be placed as `param_shardings(cfg, mesh, enable_expert_parallel)` says; the
         classmethods below do that. mesh None: one device. enable_prefix_caching: full KV
         pages are named by their prefix and `match_prefix` finds them for a new sequence.
         quantization: how `state`'s linear weights are quantized (None: float); on TPU packed
         int4 weights become `uint4` here (models.int4_codes), consuming the arrays passed in. kv_cache_dtype:
         "auto" (the model dtype), "int8" or "fp8" (e4m3): pages of one byte per value, half of
         bfloat16's bytes per token, with per-(layer, KV head) scales calibrated here
-        (`kv.calibration`)."""
+        (`kv.calibration`). enable_expert_parallel: a mixture of experts' stacks are split over the
+        mesh by expert (models.sharding), not by their inner width."""
         if page_size < 1:
             raise FerrumError.invalid_config(f"page_size={page_size}: must be >= 1")
         if max_sequence_length < 1:
@@ -166,7 +169,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         kv_args = (cfg, num_pages, page_size, self.kv_dtype, kv_rows(cfg, tp), NamedSharding(self.mesh, kv_spec(tp)),
                    NamedSharding(self.mesh, kv_scale_spec(tp)))
         self._abstract_kv = abstract_kv_pages(*kv_args)
-        backend = AttentionBackend(self.attention_impl, self.mesh)
+        self.expert_parallel = enable_expert_parallel and cfg.num_experts > 0 and tp > 1
+        backend = AttentionBackend(self.attention_impl, self.mesh, self.expert_parallel)
         scales = None
         if kv_scaled(self.kv_dtype):
             amax = kv_amax(graphdef, self._state, cfg, backend, jnp.dtype(dtype), page_size, kv_rows(cfg, tp))
@@ -193,7 +197,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         # What shapes a program beyond its arguments' avals: the sampler's ids size is a constant.
         self._static = "\n".join(
             [repr(cfg), str(dtype), self.attention_impl, str(backend.cpu_kernel), repr(self.mesh), repr([d.id for d in self.mesh.devices.flat]),
-             f"feed_rows={feed_rows}"]
+             f"feed_rows={feed_rows}", f"expert_parallel={self.expert_parallel}",
+             str(expert_kernel_target() if cfg.num_experts and platform == "cpu" else None)]
         )
         self._seqs = SequenceTable(PageAllocator(num_pages), page_size, max_sequence_length, enable_prefix_caching,
                                    self.kv_layout.windows)
@@ -238,6 +243,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         enable_prefix_caching: bool = True,
         quantization: str | Quantization | None = None,
         kv_cache_dtype: str = "auto",
+        enable_expert_parallel: bool = False,
     ) -> "JaxModelExecutor":
         """Loads a HF directory (config.json + safetensors), a ferrum orbax checkpoint, or a GGUF
         file (or a directory holding one). `dtype` casts whatever the source holds; None is
@@ -248,7 +254,8 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
 
         mesh = make_mesh(tensor_parallel_size)
         dtype = dtype or default_dtype(mesh.devices.flat[0].platform)
-        loaded = load_params(Path(path), dtype, mesh, progress=progress, quant=Quantization.parse(quantization))
+        loaded = load_params(Path(path), dtype, mesh, progress=progress, quant=Quantization.parse(quantization),
+                             expert_parallel=enable_expert_parallel)
         return cls(
             loaded.cfg,
             loaded.graphdef,
@@ -266,6 +273,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
             enable_prefix_caching=enable_prefix_caching,
             quantization=loaded.quant,
             kv_cache_dtype=kv_cache_dtype,
+            enable_expert_parallel=enable_expert_parallel,
         )
 
     @classmethod
@@ -289,7 +297,7 @@ class JaxModelExecutor(SpeculativeExecutor, BatchModelExecutor):
         mesh = make_mesh(options.pop("tensor_parallel_size", 1))
         dtype = options.pop("dtype", None) or default_dtype(mesh.devices.flat[0].platform)
         quant = Quantization.parse(options.pop("quantization", None))
-        graphdef, state = random_model(cfg, jnp.dtype(dtype), seed, mesh, quant)
+        graphdef, state = random_model(cfg, jnp.dtype(dtype), seed, mesh, quant, options.get("enable_expert_parallel", False))
         return cls(
             cfg, graphdef, state, model_id=model_id, dtype=dtype, hf_config=hf_config, mesh=mesh, quantization=quant,
             **options,

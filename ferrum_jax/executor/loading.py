@@ -75,19 +75,22 @@ def hf_config_of(path: Path) -> dict:
     return json.loads(config_file.read_text())
 
 
-def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True, quant: Quantization | None = None) -> Loaded:
+def load_params(path: Path, dtype: str, mesh: Mesh, progress: bool = True, quant: Quantization | None = None,
+                expert_parallel: bool = False) -> Loaded:
     """Every parameter on device in `dtype` (linear weights quantized by `quant`), placed shard
     by shard in its tensor-parallel layout over `mesh`."""
     hf_config = hf_config_of(path)
     gguf = find_gguf(path)
     if gguf is not None:
-        return _load_named(GGUFCheckpoint(open_gguf(gguf), hf_config), hf_config, dtype, mesh, progress, gguf.stem, quant)
+        return _load_named(GGUFCheckpoint(open_gguf(gguf), hf_config), hf_config, dtype, mesh, progress, gguf.stem, quant,
+                           expert_parallel)
     if is_ferrum_checkpoint(path):
-        return _restore(path, hf_config, dtype, mesh, quant)
-    return _load_named(SafetensorsDir(path), hf_config, dtype, mesh, progress, path.name, quant)
+        return _restore(path, hf_config, dtype, mesh, quant, expert_parallel)
+    return _load_named(SafetensorsDir(path), hf_config, dtype, mesh, progress, path.name, quant, expert_parallel)
 
 
-def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, model_id: str, quant) -> Loaded:
+def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, model_id: str, quant,
+                expert_parallel: bool) -> Loaded:
     cfg = model_config(hf_config)
     if quant is not None and quant.group_size is None and _holds_blocks_of(ckpt, quant.method):
         # A GGUF file with Q4_0/Q4_1/Q4_K (int4) or Q8_0 (int8) linear tensors: their own 32-input
@@ -96,7 +99,8 @@ def _load_named(ckpt, hf_config: dict, dtype: str, mesh: Mesh, progress: bool, m
         # Q6_K ones) are quantized into the same groups.
         quant = Quantization(quant.method, 32)
     graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype), mesh.shape["model"], quant)
-    flat = load_hf_params(ckpt, cfg, flatten_state(abstract), param_shardings(cfg, mesh, abstract), progress=progress, quant=quant)
+    flat = load_hf_params(ckpt, cfg, flatten_state(abstract), param_shardings(cfg, mesh, abstract, expert_parallel),
+                          progress=progress, quant=quant)
     return Loaded(cfg, hf_config, graphdef, unflatten_into(abstract, flat), model_id, quant)
 
 
@@ -106,7 +110,7 @@ def _holds_blocks_of(ckpt, method: str) -> bool:
     return block_method is not None and any(block_method(n) == method for n in ckpt.entries if n.endswith("_proj.weight"))
 
 
-def _restore(path: Path, hf_config: dict, dtype: str, mesh: Mesh, quant: Quantization | None) -> Loaded:
+def _restore(path: Path, hf_config: dict, dtype: str, mesh: Mesh, quant: Quantization | None, expert_parallel: bool) -> Loaded:
     cfg = model_config(hf_config)
     decls = declarations(cfg)
     stored = jnp.dtype(checkpoint_dtype(path))
@@ -118,7 +122,7 @@ def _restore(path: Path, hf_config: dict, dtype: str, mesh: Mesh, quant: Quantiz
         )
     quant = saved_quant
     graphdef, abstract = abstract_model(cfg, jnp.dtype(dtype), mesh.shape["model"], quant)
-    shardings = param_shardings(cfg, mesh, abstract)
+    shardings = param_shardings(cfg, mesh, abstract, expert_parallel)
     padded = {k: tuple(v.shape) for k, v in flatten_state(abstract).items()}
     # The checkpoint holds the real vocabulary, which a tensor-parallel degree that does not
     # divide it cannot split: such tensors restore whole on every device, then pad and split.

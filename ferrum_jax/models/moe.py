@@ -15,13 +15,20 @@ step's static shape and the platform:
 - in place, CPU, up to `KERNEL_MAX_ROWS_PER_EXPERT` pairs an expert on average (decode): the
   C++ kernel (pallas_kernels.expert_mlp) streams each chosen expert's weights once from the
   stack, where XLA:CPU would write every gathered slice out before its dot;
-- blocked, CPU, larger steps or without a C++ compiler: XLA:CPU has no ragged dot (jax lowers it to a dense product of every row with
-  every expert, masked: 64x the FLOPs at 64 experts), so the sorted pairs are laid out in
-  blocks of `block` rows, each expert's rows padded to whole blocks, and each block multiplies
-  its expert's weights (gathered per block): at most `num_experts x (block - 1)` padding rows.
+- blocked, CPU, larger steps or without a C++ compiler: XLA:CPU has no ragged dot (jax lowers
+  it to a dense product of every row with every expert, masked: 64x the FLOPs at 64 experts),
+  so the sorted pairs are laid out in blocks of `block` rows, each expert's rows padded to whole
+  blocks, and each block multiplies its expert's weights (gathered per block): at most
+  `num_experts x (block - 1)` padding rows.
+
+Under tensor parallelism every shard holds every expert's slice of the inner width; under expert
+parallelism (models.sharding) whole experts, and each shard runs the same forms over its own
+experts, the other shards' picks shifted out of range (`_expert_parallel`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +65,8 @@ class SparseMoE(nnx.Module):
             setattr(self, name, nnx.Param(w.astype(dtype)))
 
     def __call__(self, x_td: jax.Array, backend=None) -> jax.Array:
-        """backend: the step's AttentionBackend (its platform picks the grouped form)."""
+        """backend: the step's AttentionBackend (its platform picks the form, its mesh and
+        `expert_parallel` how the stacks are split)."""
         logits_te = x_td @ self.router[...]
         probs_te = jax.nn.softmax(logits_te.astype(jnp.float32), axis=-1)
         weights_tk, experts_tk = jax.lax.top_k(probs_te, self.k)
@@ -66,12 +74,21 @@ class SparseMoE(nnx.Module):
             weights_tk = weights_tk / jnp.sum(weights_tk, axis=-1, keepdims=True)
         if not self.float32_weights:
             weights_tk = weights_tk.astype(x_td.dtype)
-        experts, act = tuple(w.get_value() for w in (self.gate, self.up, self.down)), ACTIVATIONS[self.hidden_act]
-        pairs, num_experts = experts_tk.size, self.gate.shape[0]
+        experts = tuple(w.get_value() for w in (self.gate, self.up, self.down))
         platform = jax.default_backend() if backend is None else backend.platform
+        if backend is not None and backend.expert_parallel:
+            run = functools.partial(self._experts, platform=platform, mesh=None)
+            return _expert_parallel(run, x_td, experts_tk, weights_tk, experts, backend.mesh)
+        return self._experts(x_td, experts_tk, weights_tk, experts, platform, None if backend is None else backend.mesh)
+
+    def _experts(self, x_td, experts_tk, weights_tk, experts, platform: str, mesh) -> jax.Array:
+        """The form for this step's shape and platform (module docstring); expert ids outside
+        the stacks' `[0, experts)` add nothing."""
+        act = ACTIVATIONS[self.hidden_act]
+        pairs, num_experts = experts_tk.size, experts[0].shape[0]
         if platform == "cpu":
             if pairs <= KERNEL_MAX_ROWS_PER_EXPERT * num_experts and self._cpu_kernel(x_td):
-                return _in_place_cpu(x_td, experts_tk, weights_tk, experts, None if backend is None else backend.mesh)
+                return _in_place_cpu(x_td, experts_tk, weights_tk, experts, mesh)
             block = row_block(pairs, num_experts)
             if pairs <= num_blocks(pairs, num_experts, block):
                 return _gathered(x_td, experts_tk, weights_tk, experts, act)
@@ -82,6 +99,32 @@ class SparseMoE(nnx.Module):
 
     def _cpu_kernel(self, x_td: jax.Array) -> bool:
         return kernel_supports(x_td.dtype, self.gate.dtype, self.hidden_act) and cpu_kernel_target() is not None
+
+
+def _stacks(experts) -> tuple[list[jax.Array], jax.Array]:
+    """The whole `[layers, experts, ...]` stacks of a layer's experts and the layer's index (a
+    plain array is a one-layer stack)."""
+    if isinstance(experts[0], LayerSlice):
+        return [w.stack for w in experts], experts[0].index
+    return [w[...][None] for w in experts], jnp.int32(0)
+
+
+def _expert_parallel(run, x_td, experts_tk, weights_tk, experts, mesh) -> jax.Array:
+    """Expert parallelism: each shard holds `experts / shards` whole experts and runs them for
+    every token, the other shards' picks shifted out of its range (so they add nothing), and the
+    outputs are summed over the shards. Tokens are replicated after attention's all-reduce, so
+    dispatch needs no communication and the combine is the one psum a tensor-parallel MLP's row
+    split costs anyway; an all-to-all pays only where tokens are split across devices."""
+    stacks, layer = _stacks(experts)
+
+    def local(x, chosen, weights, index, *local_stacks):
+        first = jax.lax.axis_index("model") * local_stacks[0].shape[1]
+        y = run(x, chosen - first, weights, tuple(LayerSlice(w, index) for w in local_stacks))
+        return jax.lax.psum(y, "model")
+
+    specs = (P(), P(), P(), P(), *(P(None, "model") for _ in stacks))
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(
+        x_td, experts_tk, weights_tk, layer, *stacks)
 
 
 def row_block(pairs: int, num_experts: int) -> int:
@@ -101,39 +144,52 @@ def _combine(y_nd: jax.Array, weights_n: jax.Array, token_n: jax.Array, num_toke
     return jnp.zeros((num_tokens, y_nd.shape[1]), dtype).at[token_n].add(y_nd)
 
 
+def _pairs(experts_tk, weights_tk, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """The flat token-expert pairs: expert ids with picks outside `[0, num_experts)` (another
+    shard's experts) moved to `num_experts`, so they sort last and join no group, and their
+    routing weights zeroed."""
+    flat = experts_tk.reshape(-1)
+    mine = (flat >= 0) & (flat < num_experts)
+    return jnp.where(mine, flat, num_experts), jnp.where(mine, weights_tk.reshape(-1), 0)
+
+
 def _grouped(x_td, experts_tk, weights_tk, experts, act) -> jax.Array:
     t, k = experts_tk.shape
     gate, up, down = (w[...] for w in experts)
-    flat = experts_tk.reshape(-1)
+    num_experts = gate.shape[0]
+    flat, weights = _pairs(experts_tk, weights_tk, num_experts)
     order = jnp.argsort(flat, stable=True)
     token = order // k
-    sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+    # Rows past the groups (other shards' pairs) come out of the ragged dots as zeros.
+    sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     x_nd = x_td[token]
     h_nf = act(jax.lax.ragged_dot(x_nd, gate, sizes)) * jax.lax.ragged_dot(x_nd, up, sizes)
     y_nd = jax.lax.ragged_dot(h_nf, down, sizes)
-    return _combine(y_nd, weights_tk.reshape(-1)[order], token, t, x_td.dtype)
+    return _combine(y_nd, weights[order], token, t, x_td.dtype)
 
 
 def _blocked(x_td, experts_tk, weights_tk, experts, act, block: int) -> jax.Array:
     t, k = experts_tk.shape
     num_experts = experts[0].shape[0]
     pairs = t * k
-    flat = experts_tk.reshape(-1)
+    flat, weights = _pairs(experts_tk, weights_tk, num_experts)
     order = jnp.argsort(flat, stable=True)
     expert_of = flat[order]  # of each sorted pair
-    sizes = jnp.bincount(flat, length=num_experts)
+    sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts]
     padded = -(-sizes // block) * block
     ends = jnp.cumsum(padded)
-    # Sorted pair i of expert e lands at row (e's padded start) + (i - e's first sorted pair).
-    row = (ends - padded)[expert_of] + jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert_of]
     nb = num_blocks(pairs, num_experts, block)
-    token_of_row = jnp.full(nb * block, t, jnp.int32).at[row].set(order // k)  # t: a zero row
+    # Sorted pair i of expert e lands at row (e's padded start) + (i - e's first sorted pair);
+    # other shards' pairs at row nb * block, past the end (dropped, read back as zeros).
+    row = (ends - padded)[expert_of] + jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert_of]
+    row = jnp.where(expert_of < num_experts, row, nb * block)
+    token_of_row = jnp.full(nb * block, t, jnp.int32).at[row].set(order // k, mode="drop")  # t: a zero row
     block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(nb) * block, side="right"), num_experts - 1)
     x_brd = jnp.concatenate([x_td, jnp.zeros_like(x_td[:1])])[token_of_row].reshape(nb, block, -1)
     gate, up, down = (_expert_rows(w, block_expert) for w in experts)
     h_brf = act(jnp.einsum("brd,bdf->brf", x_brd, gate)) * jnp.einsum("brd,bdf->brf", x_brd, up)
     y_rd = jnp.einsum("brf,bfd->brd", h_brf, down).reshape(nb * block, -1)
-    return _combine(y_rd[row], weights_tk.reshape(-1)[order], order // k, t, x_td.dtype)
+    return _combine(y_rd.at[row].get(mode="fill", fill_value=0), weights[order], order // k, t, x_td.dtype)
 
 
 def _expert_rows(w, chosen: jax.Array) -> jax.Array:
@@ -147,8 +203,7 @@ def _expert_rows(w, chosen: jax.Array) -> jax.Array:
 def _in_place_cpu(x_td, experts_tk, weights_tk, experts, mesh) -> jax.Array:
     """The CPU kernel over the layer's stacks in place; under tensor parallelism each shard runs
     it on its slice of the experts' inner width and the partial outputs are summed."""
-    stacks = [w.stack if isinstance(w, LayerSlice) else w[...][None] for w in experts]
-    layer = experts[0].index if isinstance(experts[0], LayerSlice) else jnp.int32(0)
+    stacks, layer = _stacks(experts)
     args = (x_td.astype(jnp.float32), experts_tk, weights_tk.astype(jnp.float32), layer, *stacks)
     tp = 1 if mesh is None else mesh.shape["model"]
     if tp == 1:
@@ -161,9 +216,11 @@ def _in_place_cpu(x_td, experts_tk, weights_tk, experts, mesh) -> jax.Array:
 
 def _gathered(x_td, experts_tk, weights_tk, experts, act) -> jax.Array:
     t, k = experts_tk.shape
-    flat = experts_tk.reshape(-1)
-    gate, up, down = (_expert_rows(w, flat) for w in experts)
+    num_experts = experts[0].shape[0]
+    flat, weights = _pairs(experts_tk, weights_tk, num_experts)
+    # Another shard's pair reads this shard's last expert and is weighted by zero.
+    gate, up, down = (_expert_rows(w, jnp.minimum(flat, num_experts - 1)) for w in experts)
     x_nd = jnp.repeat(x_td, k, axis=0)
     h_nf = act(jnp.einsum("nd,ndf->nf", x_nd, gate)) * jnp.einsum("nd,ndf->nf", x_nd, up)
     y_nd = jnp.einsum("nf,nfd->nd", h_nf, down)
-    return _combine(y_nd, weights_tk.reshape(-1), jnp.repeat(jnp.arange(t), k), t, x_td.dtype)
+    return _combine(y_nd, weights, jnp.repeat(jnp.arange(t), k), t, x_td.dtype)

@@ -38,10 +38,12 @@ IMPLS = ("xla", "pallas", "pallas_interpret")
 
 @dataclasses.dataclass(frozen=True)
 class AttentionBackend:
-    """Static (hashable) choice of attention implementation, and the mesh for Pallas TP."""
+    """Static (hashable) choice of attention implementation, the mesh for Pallas TP, and whether
+    the mesh splits expert stacks by expert (models.sharding's expert parallelism)."""
 
     kind: str
     mesh: Mesh | None = None
+    expert_parallel: bool = False
 
     def __post_init__(self):
         if self.kind not in IMPLS:

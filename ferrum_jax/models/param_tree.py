@@ -47,18 +47,19 @@ def _check_declared(cfg: ModelConfig, rows: int, flat: dict[str, jax.ShapeDtypeS
         raise FerrumError.internal(f"the {cfg.architecture} model's parameters differ from its declarations: {problems}")
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, abstract_state: nnx.State) -> dict[str, NamedSharding]:
-    """Flat path -> NamedSharding for tensor parallelism over the mesh's "model" axis."""
+def param_shardings(cfg: ModelConfig, mesh: Mesh, abstract_state: nnx.State, expert_parallel: bool = False) -> dict[str, NamedSharding]:
+    """Flat path -> NamedSharding for tensor (and expert) parallelism over the mesh's "model" axis."""
     paths = flatten_state(abstract_state)
-    return named(mesh, param_specs(cfg, mesh.shape["model"], paths))
+    return named(mesh, param_specs(cfg, mesh.shape["model"], paths, expert_parallel))
 
 
-def random_model(cfg: ModelConfig, dtype, seed: int, mesh: Mesh, quant: Quantization | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+def random_model(cfg: ModelConfig, dtype, seed: int, mesh: Mesh, quant: Quantization | None = None,
+                 expert_parallel: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
     """Seeded random weights, each parameter created directly in its sharded layout. The values
     do not depend on the mesh: a padded vocabulary's rows are zeros after the seeded ones.
     Quantized, they are the quantization of the float model of the same seed."""
     graphdef, abstract = abstract_model(cfg, dtype, mesh.shape["model"], quant)
-    shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract))
+    shardings = unflatten_into(abstract, param_shardings(cfg, mesh, abstract, expert_parallel))
     padded = flatten_state(abstract)
 
     def make():

@@ -12,6 +12,11 @@ replicated on every model shard (each shard computes all KV heads) and the KV pa
 per shard, the KV head its query heads read (`kv_rows`). Per-layer parameters are stacked along
 a leading layer axis, which is never sharded. The "data" axis (size 1 here) leaves room for
 replicas.
+
+Expert parallelism (`expert_parallel`, vLLM's `--enable-expert-parallel`) splits a mixture of
+experts' stacks over "model" by expert instead of by their inner width: each shard holds whole
+experts, `num_experts / tp` of them, and the MoE layer runs its shard's experts for every token
+(models.moe). Attention stays tensor-parallel.
 """
 
 from __future__ import annotations
@@ -50,22 +55,26 @@ def kv_heads_sharded(cfg: ModelConfig, tp: int) -> bool:
     )
 
 
-def check_divisible(cfg: ModelConfig, tp: int) -> None:
+def check_divisible(cfg: ModelConfig, tp: int, expert_parallel: bool = False) -> None:
+    if expert_parallel and cfg.num_experts % tp:
+        raise FerrumError.invalid_config(
+            f"enable_expert_parallel with num_experts={cfg.num_experts}: the experts do not divide over "
+            f"tensor_parallel_size={tp} devices (each shard holds whole experts, as many on every shard)")
     for name, value in [
         ("num_attention_heads", cfg.num_heads),
         ("intermediate_size", cfg.intermediate_size),
-        ("moe_intermediate_size", cfg.moe_intermediate_size),
+        ("moe_intermediate_size", 0 if expert_parallel else cfg.moe_intermediate_size),
     ]:
         if value % tp:
             raise FerrumError.invalid_config(f"{name}={value} is not divisible by tensor_parallel_size={tp}")
     kv_heads_sharded(cfg, tp)
 
 
-def param_specs(cfg: ModelConfig, tp: int, params: dict) -> dict[str, P]:
+def param_specs(cfg: ModelConfig, tp: int, params: dict, expert_parallel: bool = False) -> dict[str, P]:
     """PartitionSpec of every flat parameter path (see param_tree) -> array or ShapeDtypeStruct,
-    from the declared logical axes (models.declare). A quantized weight's `scale` follows its
-    weight (scale_sharding.scale_spec)."""
-    check_divisible(cfg, tp)
+    from the declared logical axes (models.declare); expert stacks split by expert with
+    `expert_parallel`. A quantized weight's `scale` follows its weight (scale_sharding.scale_spec)."""
+    check_divisible(cfg, tp, expert_parallel)
     decls = declarations(cfg)
     mesh_axes = {"vocab": "model", "heads": "model", "kv_heads": "model" if kv_heads_sharded(cfg, tp) else None, "ffn": "model", "experts": None, None: None}
 
@@ -82,6 +91,8 @@ def param_specs(cfg: ModelConfig, tp: int, params: dict) -> dict[str, P]:
         if decl is None:
             raise FerrumError.internal(f"parameter {path} is not declared by the {cfg.architecture} family")
         axes = [mesh_axes[a] for a in decl.axes]
+        if expert_parallel and decl.axes[:1] == ("experts",):
+            axes = ["model", *(None for _ in axes[1:])]
         # Replicated parameters get P(), the spec the other layouts compare equal to.
         return P(*axes) if any(axes) else P()
 

@@ -105,6 +105,7 @@ def build_executor(s: ServeSettings):
             "num_pages": s.num_pages,
             "attention": s.attention,
             "tensor_parallel_size": s.tensor_parallel_size,
+            "enable_expert_parallel": s.enable_expert_parallel,
             "enable_prefix_caching": s.enable_prefix_caching,
             "quantization": s.quantization,
             "kv_cache_dtype": s.kv_cache_dtype,

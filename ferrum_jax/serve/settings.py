@@ -63,6 +63,7 @@ class ServeSettings:
     num_pages: int | None = None
     attention: str = "auto"
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE stacks split over the devices by expert, not by width
     enable_prefix_caching: bool = True
     quantization: str | None = None  # "int8" | "int4": weight-only quantization on load; None: as stored
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "int8" | "fp8" (e4m3 pages), scaled
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "layers (ferrum_jax.kv.layout); default: max-num-seqs full-length sequences")
     p.add_argument("--attention", choices=["auto", "xla", "pallas"], help="attention implementation (default auto)")
     p.add_argument("--tensor-parallel-size", type=_positive_int, help="devices to shard the model over (default 1)")
+    p.add_argument("--enable-expert-parallel", action="store_const", const=True,
+                   help="split a mixture of experts' experts over the devices, whole experts each (attention stays "
+                   "tensor-parallel); without it every device holds every expert's share of the width")
     p.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
