@@ -46,7 +46,8 @@ class Vocab:
 
 
 def _arch(config) -> str:
-    return {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}[config.model_type]
+    return {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+            "qwen3_moe": "qwen3moe"}[config.model_type]
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -58,7 +59,7 @@ _NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
 }  # fmt: skip
 
 
@@ -77,6 +78,16 @@ def gguf_name(hf: str, arch: str = "llama") -> str:
     _, _, layer, rest = hf.split(".", 3)
     module, kind = rest.rsplit(".", 1)
     return f"blk.{layer}.{(_GEMMA_NAMES if arch.startswith('gemma') else _NAMES)[module]}.{kind}"
+
+
+def _expert_tensors(hf: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """transformers' fused expert tensors (`experts.gate_up_proj [E, 2 ffn, hidden]`, `experts.down_proj
+    [E, hidden, ffn]`) as llama.cpp's per-layer stacks `ffn_{gate,up,down}_exps [E, out, in]`."""
+    layer = hf.split(".")[2]
+    if hf.endswith("gate_up_proj"):
+        gate, up = np.split(value, 2, axis=1)
+        return [(f"blk.{layer}.ffn_gate_exps.weight", gate), (f"blk.{layer}.ffn_up_exps.weight", up)]
+    return [(f"blk.{layer}.ffn_down_exps.weight", value)]
 
 
 def _encode(w: np.ndarray, tensor_type: str, rng: np.random.Generator) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
@@ -134,6 +145,10 @@ def write_gguf(
             getattr(w, f"add_{name}_token_id")(value)
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)
+    if arch == "qwen3moe":
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if arch == "gemma2":
         w.add_sliding_window(cfg.sliding_window)
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
@@ -150,10 +165,10 @@ def write_gguf(
             value = _permute(value, cfg.num_key_value_heads)
         elif arch.startswith("gemma") and hf.endswith("norm.weight"):
             value = value + 1  # llama.cpp's RMSNorm multiplies by w; Gemma's by 1 + w
-        name = gguf_name(hf, arch)
-        kind = next((t for suffix, t in (mixed or {}).items() if name.endswith(suffix)), tensor_type)
-        data, qtype = _encode(value, kind, rng) if value.ndim == 2 else (value, gguf.GGMLQuantizationType.F32)
-        w.add_tensor(name, data, raw_dtype=qtype)
+        for name, value in _expert_tensors(hf, value) if ".mlp.experts." in hf else [(gguf_name(hf, arch), value)]:
+            kind = next((t for suffix, t in (mixed or {}).items() if name.endswith(suffix)), tensor_type)
+            data, qtype = _encode(value, kind, rng) if value.ndim >= 2 else (value, gguf.GGMLQuantizationType.F32)
+            w.add_tensor(name, data, raw_dtype=qtype)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()

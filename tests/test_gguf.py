@@ -269,6 +269,35 @@ def test_float_gguf_matches_the_hf_model_it_came_from(kind, llama_model, tmp_pat
     assert_close(ferrum_logits(path, TOKENS), ref)
 
 
+@pytest.mark.parametrize("experts_type", ["F32", "Q8_0"])
+def test_qwen3_moe_gguf_matches_the_hf_model_it_came_from(experts_type, tmp_path):
+    """A qwen3moe file as llama.cpp's converter writes it: each layer's experts one tensor
+    `ffn_{gate,up,down}_exps [experts, out, in]` (F32, or Q8_0 blocks along the inputs), the
+    router `ffn_gate_inp`, the expert count, top-k and width as metadata. The model it came from
+    is the oracle, its experts replaced by the file's dequantized ones (transformers' GGUF loader
+    maps neither `expert_feed_forward_length` nor the renormalized top-k llama.cpp applies to
+    every qwen3moe model)."""
+    config = transformers.Qwen3MoeConfig(**{**SHAPE, "tie_word_embeddings": False}, moe_intermediate_size=256,
+                                         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
+    config._attn_implementation = "eager"
+    torch.manual_seed(7)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # routing that separates the experts, yet leaves the top 2 short of all the mass
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(5.0)
+    path = write_gguf(model, tmp_path / "qwen3moe.gguf", "F32", sentencepiece_vocab(), mixed={"_exps.weight": experts_type})
+    stacks = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.shape[::-1].tolist())
+              for t in gguf.GGUFReader(str(path)).tensors if "_exps" in t.name}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            gate_up = np.concatenate([stacks[f"blk.{i}.ffn_gate_exps.weight"], stacks[f"blk.{i}.ffn_up_exps.weight"]], axis=1)
+            layer.mlp.experts.gate_up_proj.copy_(torch.from_numpy(gate_up))
+            layer.mlp.experts.down_proj.copy_(torch.from_numpy(stacks[f"blk.{i}.ffn_down_exps.weight"].copy()))
+        ref = model(torch.tensor([TOKENS])).logits[0].numpy()
+    assert_close(ferrum_logits(path, TOKENS), ref)
+
+
 def test_llama3_rope_scaling_from_the_rope_freqs_tensor(tmp_path):
     """Llama 3.1 files carry their RoPE scaling as per-frequency divisors (llama.cpp's
     `rope_freqs`), computed here from the HF config the way llama.cpp's converter does."""
@@ -348,7 +377,7 @@ def test_bad_gguf_files_are_clear_errors(llama_model, tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "gemma.gguf"), "gemma")
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(fj.UnsupportedError, match=r"GGUF architecture 'gemma'.*supported: \['gemma2', 'gemma3', 'llama', 'mistral', 'qwen2', 'qwen3'\]"):
+    with pytest.raises(fj.UnsupportedError, match=r"GGUF architecture 'gemma'.*supported: \['gemma2', 'gemma3', 'llama', 'mistral', 'qwen2', 'qwen3', 'qwen3moe'\]"):
         fj.JaxModelExecutor.from_pretrained(tmp_path / "gemma.gguf", **LIMITS)
     with pytest.raises(fj.UnsupportedError, match=r"tokenizer\.ggml\.model=None.*supported: 'gpt2'"):
         load_tokenizer(tmp_path / "gemma.gguf")

@@ -5,7 +5,7 @@ Rebuilding the HF dict (rather than a `ModelConfig` directly) keeps one path for
 checkpoint kind: `ModelConfig.from_hf_dict` validates it, and orbax conversion stores it.
 
 Architectures: those the registry's families list (models.registry): `llama` (Llama 1/2/3, and
-Mistral 7B, which llama.cpp writes as `llama`), `mistral`, `qwen2`, `qwen3`, `gemma2`,
+Mistral 7B, which llama.cpp writes as `llama`), `mistral`, `qwen2`, `qwen3`, `qwen3moe`, `gemma2`,
 `gemma3`; the keys every llama.cpp architecture writes are read here, a family's own ones by its
 `gguf_config`. What the metadata cannot express is refused, never approximated: a RoPE scaling
 other than linear, or a `rope_freqs` tensor that is not Llama 3's frequency ramp.

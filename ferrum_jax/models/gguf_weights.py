@@ -5,7 +5,9 @@
 GGUF files unchanged. Two things differ from a HF file and are undone here:
 
 - names: llama.cpp's `blk.N.attn_q.weight` is HF's `model.layers.N.self_attn.q_proj.weight`, as
-  the family declares both (models.declare);
+  the family declares both (models.declare); llama.cpp keeps a layer's experts in one tensor
+  (`blk.N.ffn_gate_exps.weight`, `[experts, out, in]`), HF one tensor each, so such a tensor is
+  seen as its experts' HF tensors, each read as its slice;
 - Gemma's norm weights: llama.cpp's converter stores w + 1 (its RMSNorm multiplies by the weight,
   Gemma's by 1 + w), so 1 is taken off again;
 - RoPE layout: for `llama`/`mistral` files llama.cpp's converter permutes the rows of q and k
@@ -49,6 +51,7 @@ _Q8_0_BLOCK = 34  # bytes of 32 inputs: d (f16), 32 int8 codes
 class _Entry:
     gguf_name: str
     shape: tuple[int, ...]
+    expert: int | None = None  # of a stacked expert tensor, the slice this entry is
 
 
 def gguf_names(decls: Declarations) -> list[tuple[re.Pattern, str]]:
@@ -61,7 +64,8 @@ def hf_name(names: list[tuple[re.Pattern, str]], gguf_name: str) -> str:
     for pattern, template in names:
         m = pattern.fullmatch(gguf_name)
         if m:
-            return template.format(*m.groups())
+            # An index the GGUF name lacks (the expert of a stacked tensor) stays `{}`.
+            return template.format(*m.groups(), *("{}",) * (template.count("{}") - len(m.groups())))
     return gguf_name
 
 
@@ -75,9 +79,16 @@ class GGUFCheckpoint:
         cfg = model_config(hf_config)
         fam = family(cfg)
         names = gguf_names(declarations(cfg))
-        self.entries = {
-            hf_name(names, t.name): _Entry(t.name, t.shape) for t in f.tensors.values() if t.name not in _CONFIG_TENSORS
-        }
+        self.entries = {}
+        for t in f.tensors.values():
+            if t.name in _CONFIG_TENSORS:
+                continue
+            name = hf_name(names, t.name)
+            if "{}" in name:
+                self.entries.update({name.format(e): _Entry(t.name, t.shape[1:], e) for e in range(t.shape[0])})
+            else:
+                self.entries[name] = _Entry(t.name, t.shape)
+        self._stack: tuple[str, np.ndarray] | None = None  # the last expert tensor read, whole
         # Norm weights llama.cpp's converter stored as w + 1 (Gemma's x * (1 + w)).
         self._plus_one = {n for n in self.entries if fam.gguf_norms_plus_one and n.endswith("norm.weight")}
         heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
@@ -90,7 +101,13 @@ class GGUFCheckpoint:
                     self._row_groups[name] = kv_heads
 
     def read(self, name: str) -> np.ndarray:
-        values = self._file.dequantize(self.entries[name].gguf_name)
+        entry = self.entries[name]
+        if entry.expert is not None:
+            # The loader reads a layer's experts in turn: dequantize their tensor once.
+            if self._stack is None or self._stack[0] != entry.gguf_name:
+                self._stack = (entry.gguf_name, self._file.dequantize(entry.gguf_name))
+            return self._stack[1][entry.expert]
+        values = self._file.dequantize(entry.gguf_name)
         if name in self._plus_one:
             values = values - np.float32(1)
         heads = self._row_groups.get(name)
@@ -98,7 +115,9 @@ class GGUFCheckpoint:
 
     def block_method(self, name: str) -> str | None:
         """"int4" (Q4_0 / Q4_1 / Q4_K) or "int8" (Q8_0) when `read_blocks` can hand the tensor
-        over quantized in groups of 32, else None."""
+        over quantized in groups of 32, else None (always for a slice of stacked experts)."""
+        if self.entries[name].expert is not None:
+            return None
         kind = self._file.tensors[self.entries[name].gguf_name].type_name
         return "int4" if kind in _INT4_BLOCKS or kind == "Q4_K" else "int8" if kind == "Q8_0" else None
 

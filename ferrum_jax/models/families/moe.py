@@ -5,7 +5,8 @@ block (models.moe) in every layer. Qwen3-MoE adds Qwen3's q/k norms; its `mlp_on
 `decoder_sparse_step` can make some layers dense, which a stacked layer of one shape cannot hold
 yet, so such configs are refused by name. HF stores each expert as its own tensors
 (`mlp.experts.{e}.gate_proj` for Qwen3-MoE, `block_sparse_moe.experts.{e}.w1/w3/w2` for
-Mixtral); they load into `[experts, ...]` stacks (models.declare).
+Mixtral); they load into `[experts, ...]` stacks (models.declare). GGUF: llama.cpp's `qwen3moe`
+files, a layer's experts one tensor each of gate/up/down (models.gguf_weights).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ferrum_jax.models.moe import SparseMoE
 from ferrum_jax.models.quantization import Quantization
 
 _HF = "model.layers.{}."
+_GGUF = "blk.{}."
 # tag -> HF names of the router and of one expert's gate, up and down projections.
 _EXPERT_NAMES = {
     "qwen3_moe": ("mlp.gate.weight", "mlp.experts.{}.gate_proj.weight", "mlp.experts.{}.up_proj.weight",
@@ -37,15 +39,19 @@ _EXPERT_NAMES = {
 def declare(cfg: ModelConfig, vocab_rows: int) -> list[ParamDecl]:
     d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
     router, gate, up, down = (_HF + n for n in _EXPERT_NAMES[cfg.architecture])
+    # llama.cpp's names, one tensor for all of a layer's experts (models.gguf_weights).
+    g_router, g_gate, g_up, g_down = (_GGUF + n for n in ("ffn_gate_inp.weight", "ffn_gate_exps.weight",
+                                                          "ffn_up_exps.weight", "ffn_down_exps.weight"))
     return [
         *embedding_decls(cfg, vocab_rows),
-        vector("layers.input_norm.weight", (d,), (None,), _HF + "input_layernorm.weight", None, "ones"),
-        vector("layers.post_attn_norm.weight", (d,), (None,), _HF + "post_attention_layernorm.weight", None, "ones"),
+        vector("layers.input_norm.weight", (d,), (None,), _HF + "input_layernorm.weight", _GGUF + "attn_norm.weight", "ones"),
+        vector("layers.post_attn_norm.weight", (d,), (None,), _HF + "post_attention_layernorm.weight",
+               _GGUF + "ffn_norm.weight", "ones"),
         *attention_decls(cfg, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm),
-        ParamDecl("layers.mlp.router", (d, e), (None, None), router, None, TRANSPOSE),
-        ParamDecl("layers.mlp.gate", (e, d, f), ("experts", None, "ffn"), gate, None, TRANSPOSE),
-        ParamDecl("layers.mlp.up", (e, d, f), ("experts", None, "ffn"), up, None, TRANSPOSE),
-        ParamDecl("layers.mlp.down", (e, f, d), ("experts", "ffn", None), down, None, TRANSPOSE),
+        ParamDecl("layers.mlp.router", (d, e), (None, None), router, g_router, TRANSPOSE),
+        ParamDecl("layers.mlp.gate", (e, d, f), ("experts", None, "ffn"), gate, g_gate, TRANSPOSE),
+        ParamDecl("layers.mlp.up", (e, d, f), ("experts", None, "ffn"), up, g_up, TRANSPOSE),
+        ParamDecl("layers.mlp.down", (e, f, d), ("experts", "ffn", None), down, g_down, TRANSPOSE),
     ]
 
 
@@ -78,10 +84,17 @@ def config(d: dict[str, Any], tag: str) -> ModelConfig:
     )
 
 
+def gguf_config(key, base: dict) -> dict:
+    """Qwen3-MoE's expert keys; llama.cpp renormalizes the top-k weights of every qwen3moe model."""
+    return {"num_experts": int(key("expert_count")), "num_experts_per_tok": int(key("expert_used_count")),
+            "moe_intermediate_size": int(key("expert_feed_forward_length")), "norm_topk_prob": True}
+
+
 MOE = Family(
     architectures={"Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"},
     model_types={"qwen3_moe": "qwen3_moe", "mixtral": "mixtral"},
-    gguf_architectures={},
+    gguf_architectures={"qwen3moe": "qwen3_moe"},
+    gguf_config=gguf_config,
     config=config,
     declare=declare,
     block=DecoderLayer,
