@@ -47,7 +47,7 @@ class Vocab:
 
 def _arch(config) -> str:
     return {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-            "qwen3_moe": "qwen3moe"}[config.model_type]
+            "qwen3_moe": "qwen3moe", "mixtral": "llama"}[config.model_type]
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -145,9 +145,10 @@ def write_gguf(
             getattr(w, f"add_{name}_token_id")(value)
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)
-    if arch == "qwen3moe":
-        w.add_expert_count(cfg.num_experts)
+    if cfg.model_type in ("qwen3_moe", "mixtral"):
+        w.add_expert_count(cfg.num_experts if arch == "qwen3moe" else cfg.num_local_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch == "qwen3moe":
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if arch == "gemma2":
         w.add_sliding_window(cfg.sliding_window)

@@ -269,16 +269,20 @@ def test_float_gguf_matches_the_hf_model_it_came_from(kind, llama_model, tmp_pat
     assert_close(ferrum_logits(path, TOKENS), ref)
 
 
-@pytest.mark.parametrize("experts_type", ["F32", "Q8_0"])
-def test_qwen3_moe_gguf_matches_the_hf_model_it_came_from(experts_type, tmp_path):
-    """A qwen3moe file as llama.cpp's converter writes it: each layer's experts one tensor
+@pytest.mark.parametrize("kind,experts_type", [("qwen3_moe", "F32"), ("qwen3_moe", "Q8_0"), ("mixtral", "Q8_0")])
+def test_moe_gguf_matches_the_hf_model_it_came_from(kind, experts_type, tmp_path):
+    """MoE files as llama.cpp's converter writes them: each layer's experts one tensor
     `ffn_{gate,up,down}_exps [experts, out, in]` (F32, or Q8_0 blocks along the inputs), the
-    router `ffn_gate_inp`, the expert count, top-k and width as metadata. The model it came from
-    is the oracle, its experts replaced by the file's dequantized ones (transformers' GGUF loader
-    maps neither `expert_feed_forward_length` nor the renormalized top-k llama.cpp applies to
-    every qwen3moe model)."""
-    config = transformers.Qwen3MoeConfig(**{**SHAPE, "tie_word_embeddings": False}, moe_intermediate_size=256,
-                                         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
+    router `ffn_gate_inp`, expert count and top-k as metadata; Qwen3-MoE as `qwen3moe` with its
+    expert width, Mixtral as `llama` (q/k rows permuted). The model it came from is the oracle,
+    its experts replaced by the file's dequantized ones: transformers' GGUF loader maps neither
+    Qwen3-MoE's `expert_feed_forward_length` nor the renormalized top-k llama.cpp applies to every
+    qwen3moe model."""
+    experts = dict(num_experts_per_tok=2, tie_word_embeddings=False)
+    if kind == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**{**SHAPE, **experts}, moe_intermediate_size=256, num_experts=4, norm_topk_prob=True)
+    else:
+        config = transformers.MixtralConfig(**{**SHAPE, **experts}, num_local_experts=4, sliding_window=None)
     config._attn_implementation = "eager"
     torch.manual_seed(7)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -286,7 +290,7 @@ def test_qwen3_moe_gguf_matches_the_hf_model_it_came_from(experts_type, tmp_path
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 p.mul_(5.0)
-    path = write_gguf(model, tmp_path / "qwen3moe.gguf", "F32", sentencepiece_vocab(), mixed={"_exps.weight": experts_type})
+    path = write_gguf(model, tmp_path / f"{kind}.gguf", "F32", sentencepiece_vocab(), mixed={"_exps.weight": experts_type})
     stacks = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.shape[::-1].tolist())
               for t in gguf.GGUFReader(str(path)).tensors if "_exps" in t.name}
     with torch.no_grad():

@@ -26,6 +26,10 @@ class Family:
     `block(cfg, decls, dtype=, rngs=, quant=)` called as `(h_td, rope, k_pages, v_pages, meta,
     backend, window, k_scale, v_scale) -> (h_td, k_pages, v_pages)`.
 
+    gguf_expert_architectures: GGUF `general.architecture` -> tag for files with experts
+    (`{arch}.expert_count` > 0) only, taking precedence over `gguf_architectures` (llama.cpp writes
+    Mixtral as `llama`).
+
     GGUF quirks of llama.cpp's converters: gguf_permuted_tags, the tags whose q/k rows are
     permuted for llama.cpp's rotary layout; gguf_norms_plus_one, norm weights stored as w + 1.
     gguf_model_type: tag -> the HF `model_type` a GGUF file of that tag becomes (default the tag);
@@ -41,6 +45,7 @@ class Family:
     config: Callable[[dict[str, Any], str], ModelConfig]
     declare: Callable[[ModelConfig, int], list[ParamDecl]]
     block: type
+    gguf_expert_architectures: dict[str, str] = dataclasses.field(default_factory=dict)
     gguf_permuted_tags: tuple[str, ...] = ()
     gguf_norms_plus_one: bool = False
     gguf_model_type: dict[str, str] = dataclasses.field(default_factory=dict)

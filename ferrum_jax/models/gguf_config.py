@@ -28,7 +28,7 @@ _LLAMA3_ROPE_CANDIDATES = ((8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (16.0,
 
 def hf_config_from_gguf(f: GGUFFile) -> dict:
     arch = f.require("general.architecture")
-    fam, tag = resolve_gguf(arch, f.path)
+    fam, tag = resolve_gguf(arch, f.path, bool(f.get(f"{arch}.expert_count")))
     hf_arch = next(name for name, t in fam.architectures.items() if t == tag)
 
     def key(name, default=None):

@@ -47,8 +47,11 @@ def resolve_hf(d: dict[str, Any]) -> tuple[Family, str]:
     raise FerrumError.unsupported(f"model_type {model_type!r} is not supported; supported: {sorted(by_type)}")
 
 
-def resolve_gguf(arch: str, path) -> tuple[Family, str]:
-    """(family, tag) of a GGUF `general.architecture`."""
+def resolve_gguf(arch: str, path, has_experts: bool = False) -> tuple[Family, str]:
+    """(family, tag) of a GGUF `general.architecture`, of a file with experts or without."""
+    with_experts = _table("gguf_expert_architectures")
+    if has_experts and arch in with_experts:
+        return with_experts[arch]
     by_gguf = _table("gguf_architectures")
     if arch not in by_gguf:
         raise FerrumError.unsupported(f"GGUF architecture {arch!r} in {path} is not supported; supported: {sorted(by_gguf)}")

@@ -6,7 +6,8 @@ block (models.moe) in every layer. Qwen3-MoE adds Qwen3's q/k norms; its `mlp_on
 yet, so such configs are refused by name. HF stores each expert as its own tensors
 (`mlp.experts.{e}.gate_proj` for Qwen3-MoE, `block_sparse_moe.experts.{e}.w1/w3/w2` for
 Mixtral); they load into `[experts, ...]` stacks (models.declare). GGUF: llama.cpp's `qwen3moe`
-files, a layer's experts one tensor each of gate/up/down (models.gguf_weights).
+files and its `llama` files with experts (Mixtral, q/k rows permuted as for Llama), a layer's
+experts one tensor each of gate/up/down (models.gguf_weights).
 """
 
 from __future__ import annotations
@@ -85,8 +86,12 @@ def config(d: dict[str, Any], tag: str) -> ModelConfig:
 
 
 def gguf_config(key, base: dict) -> dict:
-    """Qwen3-MoE's expert keys; llama.cpp renormalizes the top-k weights of every qwen3moe model."""
-    return {"num_experts": int(key("expert_count")), "num_experts_per_tok": int(key("expert_used_count")),
+    """The expert keys. llama.cpp renormalizes the top-k weights of every qwen3moe model; a
+    Mixtral (`llama` file with experts) has experts as wide as its `feed_forward_length`."""
+    experts, used = int(key("expert_count")), int(key("expert_used_count"))
+    if base["model_type"] == "mixtral":
+        return {"num_local_experts": experts, "num_experts_per_tok": used}
+    return {"num_experts": experts, "num_experts_per_tok": used,
             "moe_intermediate_size": int(key("expert_feed_forward_length")), "norm_topk_prob": True}
 
 
@@ -94,6 +99,8 @@ MOE = Family(
     architectures={"Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"},
     model_types={"qwen3_moe": "qwen3_moe", "mixtral": "mixtral"},
     gguf_architectures={"qwen3moe": "qwen3_moe"},
+    gguf_expert_architectures={"llama": "mixtral"},
+    gguf_permuted_tags=("mixtral",),
     gguf_config=gguf_config,
     config=config,
     declare=declare,
