@@ -26,6 +26,8 @@ import functools
 import re
 
 from ferrum_jax.models.layer_slice import LayerSlice
+from ferrum_jax.executor import jax_executor
+from ferrum_jax.models import moe as moe_module
 from ferrum_jax.models.moe import _blocked, _expert_parallel, _gathered, _grouped, _in_place_cpu
 from ferrum_jax.models.param_tree import flatten_state
 from ferrum_jax.models.registry import declarations, model_config_from_dir
@@ -77,12 +79,19 @@ def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
     assert err <= REL_TOL, f"rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("tp,ep", [(1, False), (2, False), (2, True), (4, True)], ids=["tp1", "tp2", "ep2", "ep4"])
-def test_moe_logits_match_hf(moe, tp, ep):
+@pytest.mark.parametrize("tp,ep,kernel", [(1, False, True), (2, False, True), (2, True, True), (4, True, True),
+                                          (1, False, False), (2, True, False)],
+                         ids=["tp1", "tp2", "ep2", "ep4", "tp1-xla", "ep2-xla"])
+def test_moe_logits_match_hf(moe, tp, ep, kernel, monkeypatch):
     """Prefill of 30 tokens (60-90 token-expert pairs), then 6 decode steps; at TP 2 every shard
     holds every expert's half of the MLP width (the down projection's partial sums added over the
-    shards), with expert parallelism whole experts (8 / 6 / 4 over 2 shards, 8 and 4 over 4)."""
+    shards), with expert parallelism whole experts (8 / 6 / 4 over 2 shards, 8 and 4 over 4).
+    The CPU kernel runs the experts, or (`-xla`) the XLA forms TPU/GPU share: blocked prefill,
+    gathered decode."""
     path, model = moe
+    if not kernel:  # as on a host without a C++ compiler (the program key names no kernel then)
+        monkeypatch.setattr(moe_module, "cpu_kernel_target", lambda: None)
+        monkeypatch.setattr(jax_executor, "expert_kernel_target", lambda: None)
     if ep and model_config_from_dir(path).num_experts % tp:
         pytest.skip("experts do not divide over the shards (test_expert_parallel_refuses_uneven_experts)")
     ids = np.random.default_rng(3).integers(3, 300, size=(1, PROMPT_LEN), dtype=np.int32)
@@ -126,6 +135,21 @@ def test_every_token_on_one_expert_is_computed_in_full(run):
     experts = np.stack([np.full(t, 2), rng.choice([0, 1, 3, 4], size=t)], axis=1).astype(np.int32)
     weights = rng.uniform(0.1, 1.0, size=(t, 2)).astype(np.float32)
     y = run(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), tuple(map(jnp.asarray, (gate, up, down))), jax.nn.silu)
+    np.testing.assert_allclose(np.asarray(y), _reference(x, experts, weights, gate, up, down), rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_kernel_register_tiles_against_numpy():
+    """Experts of 30-37 rows take the kernel's register tiles (4 rows x 32 columns, gate and up
+    together): full tiles, a last tile of fewer rows and 16 columns left over, against numpy."""
+    rng = np.random.default_rng(4)
+    t, d, f, e = 51, 64, 48, 3
+    x = rng.normal(size=(t, d)).astype(np.float32)
+    gate, up = (rng.normal(size=(e, d, f)).astype(np.float32) / 8 for _ in range(2))
+    down = rng.normal(size=(e, f, d)).astype(np.float32) / 7
+    experts = np.stack([rng.permutation(e)[:2] for _ in range(t)]).astype(np.int32)
+    weights = rng.uniform(0.1, 1.0, size=(t, 2)).astype(np.float32)
+    assert np.bincount(experts.ravel()).min() >= 24  # every expert in the tiled form
+    y = _in_place(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), tuple(map(jnp.asarray, (gate, up, down))), None)
     np.testing.assert_allclose(np.asarray(y), _reference(x, experts, weights, gate, up, down), rtol=1e-4, atol=1e-4)
 
 

@@ -6,7 +6,7 @@ same routing (random, so about `64 x (1 - (63/64)^pairs)` distinct experts a lay
 kernel reading the stacks in place, the gathered form (each pair's weights gathered) and the
 blocked form. Reported: median ms of `--repeats` runs after a warm one, and the weight-stream
 floor of the distinct experts the routing reads (their bytes over the bandwidth `bench steps`
-measures). It is what sets models.moe.KERNEL_MAX_ROWS_PER_EXPERT.
+measures). It is what chose the kernel on CPU at every size, and its `kTiledMinRows`.
 """
 
 from __future__ import annotations

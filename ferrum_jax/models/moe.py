@@ -12,14 +12,15 @@ step's static shape and the platform:
   gathers its expert's weights from the stack, so the step reads only the experts tokens chose;
 - grouped, TPU/GPU: the pairs sorted by expert, every expert's rows one group of
   `jax.lax.ragged_dot` (XLA's ragged dot instruction there), the outputs unsorted and summed;
-- in place, CPU, up to `KERNEL_MAX_ROWS_PER_EXPERT` pairs an expert on average (decode): the
-  C++ kernel (pallas_kernels.expert_mlp) streams each chosen expert's weights once from the
-  stack, where XLA:CPU would write every gathered slice out before its dot;
-- blocked, CPU, larger steps or without a C++ compiler: XLA:CPU has no ragged dot (jax lowers
-  it to a dense product of every row with every expert, masked: 64x the FLOPs at 64 experts),
-  so the sorted pairs are laid out in blocks of `block` rows, each expert's rows padded to whole
-  blocks, and each block multiplies its expert's weights (gathered per block): at most
-  `num_experts x (block - 1)` padding rows.
+- in place, CPU: the C++ kernel (pallas_kernels.expert_mlp) reads each chosen expert's weights
+  from the stack where they lie, where XLA:CPU writes every gathered slice out before its dot
+  (`python -m ferrum_jax.bench moe-forms`: 1.7x faster than the gathered form at 1 token, 4x
+  at 8, 1.8-2.5x faster than the blocked form from 128 to 1024 tokens);
+- gathered or blocked, CPU without a C++ compiler (or not float32 SiLU experts): XLA:CPU has
+  no ragged dot (jax lowers it to a dense product of every row with every expert, masked: 64x
+  the FLOPs at 64 experts), so the sorted pairs are laid out in blocks of `block` rows, each
+  expert's rows padded to whole blocks, and each block multiplies its expert's weights
+  (gathered per block): at most `num_experts x (block - 1)` padding rows.
 
 Under tensor parallelism every shard holds every expert's slice of the inner width; under expert
 parallelism (models.sharding) whole experts, and each shard runs the same forms over its own
@@ -45,9 +46,6 @@ from ferrum_jax.models.mlp import ACTIVATIONS
 from ferrum_jax.models.quantization import Quantization
 
 PARAMS = ("router", "gate", "up", "down")
-# Above this many token-expert pairs per expert the CPU kernel's axpy loops stop beating the
-# blocked form's dots (`python -m ferrum_jax.bench moe-forms`: 1.7x faster at 32, even at 64).
-KERNEL_MAX_ROWS_PER_EXPERT = 32
 
 
 class SparseMoE(nnx.Module):
@@ -87,7 +85,7 @@ class SparseMoE(nnx.Module):
         act = ACTIVATIONS[self.hidden_act]
         pairs, num_experts = experts_tk.size, experts[0].shape[0]
         if platform == "cpu":
-            if pairs <= KERNEL_MAX_ROWS_PER_EXPERT * num_experts and self._cpu_kernel(x_td):
+            if self._cpu_kernel(x_td):
                 return _in_place_cpu(x_td, experts_tk, weights_tk, experts, mesh)
             block = row_block(pairs, num_experts)
             if pairs <= num_blocks(pairs, num_experts, block):

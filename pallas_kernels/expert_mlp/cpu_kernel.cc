@@ -3,9 +3,10 @@
 // XLA:CPU writes out every slice of a weight stack before a dot reads it, so a decode step that
 // gathers each (token, expert) pair's weights moves them three times (read, write, read). Here
 // each expert some token chose streams its gate/up `[hidden, ffn]` and down `[ffn, hidden]`
-// matrices once, straight from the `[layers, experts, ...]` stacks, for all of its rows at once:
-// per input feature one row of the matrix scaled into every row's accumulator (the axpy form,
-// bound by the weight stream when an expert has few rows, as in decode).
+// matrices straight from the `[layers, experts, ...]` stacks, for all of its rows at once: with
+// few rows (decode) each weight row is streamed once and scaled into every row's accumulator,
+// bound by the weight stream; with many (prefill) in register tiles of 4 rows x 32 columns (gate
+// and up together), each column panel re-read from cache for each 4 rows.
 //
 // y[t] = sum over k of weight[t, k] * down(act(x[t] gate) * (x[t] up)) of expert[t, k]; experts
 // outside [0, experts) contribute nothing (an expert-parallel shard's foreign experts). The sum
@@ -45,7 +46,57 @@ struct Item {
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
-void run_expert(const Problem& p, Item& item) {
+constexpr int kRows = 4;   // rows of a register tile
+constexpr int kCols = 32;  // columns of a register tile
+
+// out[m][r][c0 + c] = sum_i x[r][i] * w[m][i][c0 + c] for the RN rows at x and the W columns at
+// c0, each of NB matrices `[k, ldw]`: the tile's sums stay in registers over all of k, each
+// matrix row segment is read once for the RN rows, and the x values are broadcast.
+template <int NB, int RN, int W>
+void tile(const float* x, int64_t k, const float* const* w, int64_t ldw, int64_t c0, float* const* out,
+          int64_t ldo) {
+  float acc[NB][RN][W] = {};
+  for (int64_t i = 0; i < k; ++i) {
+    for (int m = 0; m < NB; ++m) {
+      const float* wi = w[m] + i * ldw + c0;
+      for (int r = 0; r < RN; ++r) {
+        const float xv = x[r * k + i];
+#pragma omp simd
+        for (int c = 0; c < W; ++c) acc[m][r][c] += xv * wi[c];
+      }
+    }
+  }
+  for (int m = 0; m < NB; ++m)
+    for (int r = 0; r < RN; ++r)
+      for (int c = 0; c < W; ++c) out[m][r * ldo + c0 + c] = acc[m][r][c];
+}
+
+template <int NB, int RN>
+void rows_times(const float* x, int64_t k, const float* const* w, int64_t n, float* const* out) {
+  int64_t c0 = 0;
+  for (; c0 + kCols <= n; c0 += kCols) tile<NB, RN, kCols>(x, k, w, n, c0, out, n);
+  for (; c0 < n; ++c0) tile<NB, RN, 1>(x, k, w, n, c0, out, n);
+}
+
+// out[m] = x @ w[m] for x `[rows, k]` and NB matrices `[k, n]`, outputs `[rows, n]`.
+template <int NB>
+void matmul(const float* x, int64_t rows, int64_t k, const float* const* w, int64_t n, float* const* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    float* o[NB];
+    for (int m = 0; m < NB; ++m) o[m] = out[m] + r0 * n;
+    const float* xr = x + r0 * k;
+    switch (std::min<int64_t>(kRows, rows - r0)) {
+      case 1: rows_times<NB, 1>(xr, k, w, n, o); break;
+      case 2: rows_times<NB, 2>(xr, k, w, n, o); break;
+      case 3: rows_times<NB, 3>(xr, k, w, n, o); break;
+      default: rows_times<NB, 4>(xr, k, w, n, o); break;
+    }
+  }
+}
+
+// Few rows: per input feature, the matrix row scaled into each row's accumulator; the weights
+// stream row after row, contiguous, which the register tiles' column panels do not.
+void axpy_expert(const Problem& p, Item& item) {
   const int64_t r = static_cast<int64_t>(item.rows.size()), d = p.hidden, f = p.ffn;
   const float* g = p.gate + item.expert * d * f;
   const float* u = p.up + item.expert * d * f;
@@ -76,6 +127,25 @@ void run_expert(const Problem& p, Item& item) {
       for (int64_t o = 0; o < d; ++o) yj[o] += hv * dc[o];
     }
   }
+}
+
+// Below this many rows an expert takes the axpy form (`python -m ferrum_jax.bench moe-forms`).
+constexpr int64_t kTiledMinRows = 24;
+
+void run_expert(const Problem& p, Item& item) {
+  const int64_t r = static_cast<int64_t>(item.rows.size()), d = p.hidden, f = p.ffn;
+  if (r < kTiledMinRows) return axpy_expert(p, item);
+  std::vector<float> xs(r * d);
+  for (int64_t j = 0; j < r; ++j) std::copy_n(p.x + item.rows[j] * d, d, xs.data() + j * d);
+  std::vector<float> hg(r * f), hu(r * f);
+  const float* gate_up[2] = {p.gate + item.expert * d * f, p.up + item.expert * d * f};
+  float* h[2] = {hg.data(), hu.data()};
+  matmul<2>(xs.data(), r, d, gate_up, f, h);
+  for (int64_t n = 0; n < r * f; ++n) hg[n] = silu(hg[n]) * hu[n];
+  item.y.assign(r * d, 0.f);
+  const float* down[1] = {p.down + item.expert * f * d};
+  float* y[1] = {item.y.data()};
+  matmul<1>(hg.data(), r, f, down, d, y);
 }
 
 struct Shared {
