@@ -106,6 +106,24 @@ def test_moe_logits_match_hf(moe, tp, ep, kernel, monkeypatch):
     assert_close(steps, want[PROMPT_LEN:])
 
 
+def test_orbax_checkpoint_restores_at_expert_parallel_and_with_pallas_attention(moe, tmp_path):
+    """A MoE saved as a ferrum (orbax) checkpoint restores with its expert stacks, here split by
+    expert over 2 devices, and with the Pallas attention kernel (interpret mode on CPU) the logits are
+    HF's."""
+    path, model = moe
+    if model_config_from_dir(path).num_experts % 2:
+        pytest.skip("experts do not divide over 2 shards")
+    fj.JaxModelExecutor.from_pretrained(path, **LIMITS).save_checkpoint(tmp_path / "ckpt")
+    ids = np.random.default_rng(5).integers(3, 300, size=(1, 12), dtype=np.int32)
+    decode = np.random.default_rng(6).integers(3, 300, size=3).astype(np.int32)
+    want = hf_logits(model, np.concatenate([ids[0], decode])[None])
+    ex = fj.JaxModelExecutor.from_pretrained(str(tmp_path / "ckpt"), tensor_parallel_size=2, enable_expert_parallel=True,
+                                             attention="pallas", **LIMITS)
+    pre, steps = prefill_then_decode(ex, ids, decode)
+    assert_close(pre, want[:12])
+    assert_close(steps, want[12:])
+
+
 def _reference(x, experts, weights, gate, up, down):
     """Per token, per chosen expert: the gated MLP, scaled and summed (float64)."""
     out = np.zeros(x.shape, np.float64)
