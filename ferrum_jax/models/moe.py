@@ -75,13 +75,16 @@ class SparseMoE(nnx.Module):
         experts = tuple(w.get_value() for w in (self.gate, self.up, self.down))
         platform = jax.default_backend() if backend is None else backend.platform
         if backend is not None and backend.expert_parallel:
-            run = functools.partial(self._experts, platform=platform, mesh=None)
+            run = functools.partial(self._experts, platform=platform, mesh=None, gather=False)
             return _expert_parallel(run, x_td, experts_tk, weights_tk, experts, backend.mesh)
         return self._experts(x_td, experts_tk, weights_tk, experts, platform, None if backend is None else backend.mesh)
 
-    def _experts(self, x_td, experts_tk, weights_tk, experts, platform: str, mesh) -> jax.Array:
+    def _experts(self, x_td, experts_tk, weights_tk, experts, platform: str, mesh, gather: bool = True) -> jax.Array:
         """The form for this step's shape and platform (module docstring); expert ids outside
-        the stacks' `[0, experts)` add nothing."""
+        the stacks' `[0, experts)` add nothing. gather False: never the gathered form on TPU/GPU
+        (an expert-parallel shard's: XLA:TPU turned its gather of whole experts into slices of the
+        whole stack, 656 GiB a Qwen3-30B-A3B decode step on a v6e-8, where the grouped form reads
+        the shard's experts once)."""
         act = ACTIVATIONS[self.hidden_act]
         pairs, num_experts = experts_tk.size, experts[0].shape[0]
         if platform == "cpu":
@@ -91,7 +94,7 @@ class SparseMoE(nnx.Module):
             if pairs <= num_blocks(pairs, num_experts, block):
                 return _gathered(x_td, experts_tk, weights_tk, experts, act)
             return _blocked(x_td, experts_tk, weights_tk, experts, act, block)
-        if pairs < num_experts:
+        if gather and pairs < num_experts:
             return _gathered(x_td, experts_tk, weights_tk, experts, act)
         return _grouped(x_td, experts_tk, weights_tk, experts, act)
 
