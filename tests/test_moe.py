@@ -138,6 +138,18 @@ def _in_place(x, experts, weights, stacks, act):
     return _in_place_cpu(x, experts, weights, stacks, None)
 
 
+def _problem(rng, t: int, d: int, f: int, e: int, scale: float = 4.0):
+    """Tokens x `[t, d]` and stacks gate/up `[e, d, f]`, down `[e, f, d]` (numpy float32)."""
+    x = rng.normal(size=(t, d)).astype(np.float32)
+    gate, up = (rng.normal(size=(e, d, f)).astype(np.float32) / scale for _ in range(2))
+    down = rng.normal(size=(e, f, d)).astype(np.float32) / (scale + 1)
+    return x, (gate, up, down)
+
+
+def _run(form, x, experts, weights, stacks) -> np.ndarray:
+    return np.asarray(form(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), tuple(map(jnp.asarray, stacks)), jax.nn.silu))
+
+
 @pytest.mark.parametrize("run", [_grouped, _gathered, functools.partial(_blocked, block=8), functools.partial(_blocked, block=64),
                                  _in_place])
 def test_every_token_on_one_expert_is_computed_in_full(run):
@@ -146,29 +158,23 @@ def test_every_token_on_one_expert_is_computed_in_full(run):
     form with 8-row blocks: expert 2 spans five; with 64: one block each; the CPU kernel's 40-row
     expert) against numpy."""
     rng = np.random.default_rng(0)
-    t, d, f, e = 40, 16, 24, 5
-    x = rng.normal(size=(t, d)).astype(np.float32)
-    gate, up = (rng.normal(size=(e, d, f)).astype(np.float32) / 4 for _ in range(2))
-    down = rng.normal(size=(e, f, d)).astype(np.float32) / 5
+    t = 40
+    x, stacks = _problem(rng, t, 16, 24, 5)
     experts = np.stack([np.full(t, 2), rng.choice([0, 1, 3, 4], size=t)], axis=1).astype(np.int32)
     weights = rng.uniform(0.1, 1.0, size=(t, 2)).astype(np.float32)
-    y = run(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), tuple(map(jnp.asarray, (gate, up, down))), jax.nn.silu)
-    np.testing.assert_allclose(np.asarray(y), _reference(x, experts, weights, gate, up, down), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run(run, x, experts, weights, stacks), _reference(x, experts, weights, *stacks), rtol=1e-4, atol=1e-4)
 
 
 def test_cpu_kernel_register_tiles_against_numpy():
     """Experts of 30-37 rows take the kernel's register tiles (4 rows x 32 columns, gate and up
     together): full tiles, a last tile of fewer rows and 16 columns left over, against numpy."""
     rng = np.random.default_rng(4)
-    t, d, f, e = 51, 64, 48, 3
-    x = rng.normal(size=(t, d)).astype(np.float32)
-    gate, up = (rng.normal(size=(e, d, f)).astype(np.float32) / 8 for _ in range(2))
-    down = rng.normal(size=(e, f, d)).astype(np.float32) / 7
+    t, e = 51, 3
+    x, stacks = _problem(rng, t, 64, 48, e, scale=8.0)
     experts = np.stack([rng.permutation(e)[:2] for _ in range(t)]).astype(np.int32)
     weights = rng.uniform(0.1, 1.0, size=(t, 2)).astype(np.float32)
     assert np.bincount(experts.ravel()).min() >= 24  # every expert in the tiled form
-    y = _in_place(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), tuple(map(jnp.asarray, (gate, up, down))), None)
-    np.testing.assert_allclose(np.asarray(y), _reference(x, experts, weights, gate, up, down), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run(_in_place, x, experts, weights, stacks), _reference(x, experts, weights, *stacks), rtol=1e-4, atol=1e-4)
 
 
 _FORMS = {"grouped": _grouped, "gathered": _gathered, "blocked": functools.partial(_blocked, block=8), "in_place": _in_place}
@@ -179,16 +185,13 @@ def test_picks_outside_the_stacks_add_nothing(form):
     """An expert-parallel shard sees the other shards' picks shifted out of `[0, experts)`: every
     form leaves them out (numpy over the in-range picks only)."""
     rng = np.random.default_rng(1)
-    t, d, f, e = 12, 16, 24, 4
-    x = rng.normal(size=(t, d)).astype(np.float32)
-    gate, up = (rng.normal(size=(e, d, f)).astype(np.float32) / 4 for _ in range(2))
-    down = rng.normal(size=(e, f, d)).astype(np.float32) / 5
+    t, e = 12, 4
+    x, stacks = _problem(rng, t, 16, 24, e)
     experts = rng.integers(-4, 2 * e, size=(t, 3)).astype(np.int32)
     weights = rng.uniform(0.1, 1.0, size=(t, 3)).astype(np.float32)
-    y = _FORMS[form](jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), tuple(map(jnp.asarray, (gate, up, down))), jax.nn.silu)
     mine = (experts >= 0) & (experts < e)
-    want = _reference(x, np.where(mine, experts, 0), np.where(mine, weights, 0), gate, up, down)
-    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4)
+    want = _reference(x, np.where(mine, experts, 0), np.where(mine, weights, 0), *stacks)
+    np.testing.assert_allclose(_run(_FORMS[form], x, experts, weights, stacks), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shards", [2, 4])
@@ -197,10 +200,8 @@ def test_expert_parallel_equals_one_device(form, shards):
     """Each of 2 / 4 shards holds 4 / 2 of 8 whole experts and runs them for all 24 tokens; the
     psum of the shards equals numpy over all experts, in every form."""
     rng = np.random.default_rng(2)
-    t, d, f, e = 24, 16, 24, 8
-    x = rng.normal(size=(t, d)).astype(np.float32)
-    gate, up = (rng.normal(size=(e, d, f)).astype(np.float32) / 4 for _ in range(2))
-    down = rng.normal(size=(e, f, d)).astype(np.float32) / 5
+    t, e = 24, 8
+    x, (gate, up, down) = _problem(rng, t, 16, 24, e)
     experts = np.stack([rng.permutation(e)[:2] for _ in range(t)]).astype(np.int32)
     weights = rng.uniform(0.1, 1.0, size=(t, 2)).astype(np.float32)
     mesh = make_mesh(shards)
