@@ -28,7 +28,7 @@ import re
 from ferrum_jax.models.layer_slice import LayerSlice
 from ferrum_jax.executor import jax_executor
 from ferrum_jax.models import moe as moe_module
-from ferrum_jax.models.moe import _blocked, _expert_parallel, _gathered, _grouped, _in_place_cpu
+from ferrum_jax.models.moe import _blocked, _expert_parallel, _gathered, _grouped, _in_place_cpu, _looped
 from ferrum_jax.models.param_tree import flatten_state
 from ferrum_jax.models.registry import declarations, model_config_from_dir
 from ferrum_jax.models.sharding import make_mesh
@@ -150,8 +150,8 @@ def _run(form, x, experts, weights, stacks) -> np.ndarray:
     return np.asarray(form(jnp.asarray(x), jnp.asarray(experts), jnp.asarray(weights), tuple(map(jnp.asarray, stacks)), jax.nn.silu))
 
 
-@pytest.mark.parametrize("run", [_grouped, _gathered, functools.partial(_blocked, block=8), functools.partial(_blocked, block=64),
-                                 _in_place])
+@pytest.mark.parametrize("run", [_grouped, _gathered, _looped, functools.partial(_blocked, block=8),
+                                 functools.partial(_blocked, block=64), _in_place])
 def test_every_token_on_one_expert_is_computed_in_full(run):
     """Dropless: all 40 tokens choose expert 2 first (no capacity: its group is 40 rows long),
     their second choices spread over the rest; every way of running the experts (the blocked
@@ -177,7 +177,8 @@ def test_cpu_kernel_register_tiles_against_numpy():
     np.testing.assert_allclose(_run(_in_place, x, experts, weights, stacks), _reference(x, experts, weights, *stacks), rtol=1e-4, atol=1e-4)
 
 
-_FORMS = {"grouped": _grouped, "gathered": _gathered, "blocked": functools.partial(_blocked, block=8), "in_place": _in_place}
+_FORMS = {"grouped": _grouped, "gathered": _gathered, "looped": _looped, "blocked": functools.partial(_blocked, block=8),
+          "in_place": _in_place}
 
 
 @pytest.mark.parametrize("form", list(_FORMS))

@@ -8,8 +8,10 @@ softmax in float32, top-k, the k weights renormalized to sum to 1 where the mode
 Experts are stacked gated MLPs: `gate/up [experts, hidden, ffn]`, `down [experts, ffn, hidden]`.
 Every way to run them is dropless (an expert takes as many tokens as choose it), chosen by the
 step's static shape and the platform:
-- gathered (fewer token-expert pairs than the alternative reads experts: decode): each pair
-  gathers its expert's weights from the stack, so the step reads only the experts tokens chose;
+- gathered or looped (fewer token-expert pairs than experts: decode), so the step reads only
+  the experts tokens chose: each pair gathers its expert's weights from the stack, or on TPU,
+  where a shard's experts are whole tiles, a loop over the pairs slices each expert in place
+  (XLA:TPU turned a gather of such large slices into slices of the whole stack);
 - grouped, TPU/GPU: the pairs sorted by expert, every expert's rows one group of
   `jax.lax.ragged_dot` (XLA's ragged dot instruction there), the outputs unsorted and summed;
 - in place, CPU: the C++ kernel (pallas_kernels.expert_mlp) reads each chosen expert's weights
@@ -94,6 +96,9 @@ class SparseMoE(nnx.Module):
             if pairs <= num_blocks(pairs, num_experts, block):
                 return _gathered(x_td, experts_tk, weights_tk, experts, act)
             return _blocked(x_td, experts_tk, weights_tk, experts, act, block)
+        tp = 1 if mesh is None else mesh.shape["model"]
+        if platform == "tpu" and pairs < num_experts and _whole_tiles(experts, tp):
+            return _looped(x_td, experts_tk, weights_tk, experts, act)
         if gather and pairs < num_experts:
             return _gathered(x_td, experts_tk, weights_tk, experts, act)
         return _grouped(x_td, experts_tk, weights_tk, experts, act)
@@ -213,6 +218,38 @@ def _in_place_cpu(x_td, experts_tk, weights_tk, experts, mesh) -> jax.Array:
     ffn_in, ffn_out = P(None, None, None, "model"), P(None, None, "model", None)
     specs = (P(), P(), P(), P(), ffn_in, ffn_in, ffn_out)
     return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(*args).astype(x_td.dtype)
+
+
+def _whole_tiles(experts, tp: int) -> bool:
+    """Whether a shard's expert matrices (`[hidden, ffn / tp]`, `[ffn / tp, hidden]`) are whole
+    (8, 128) TPU tiles. Only then does XLA:TPU slice one expert out of the stack in place; a
+    narrower one (Qwen3-30B-A3B at TP 8: 96 columns) it re-tiles by copying the whole stack
+    (939% excess a decode step on v6e-8), where a gather reads it in place (0.0%)."""
+    hidden, ffn = experts[0].shape[-2], experts[0].shape[-1] // tp
+    return hidden % 128 == 0 and ffn % 128 == 0
+
+
+def _looped(x_td, experts_tk, weights_tk, experts, act) -> jax.Array:
+    """One pair at a time, each expert's matrices a dynamic slice of the stack that XLA:TPU
+    fuses into the dots: a gather of whole experts it turned into slices of the whole stack
+    (Mixtral-8x7B at TP 8 on v5e-8: 674 GiB a decode step)."""
+    t, k = experts_tk.shape
+    num_experts = experts[0].shape[0]
+    flat, weights = _pairs(experts_tk, weights_tk, num_experts)
+    flat = jnp.minimum(flat, num_experts - 1)
+
+    def expert(w, e):
+        if isinstance(w, LayerSlice):
+            return jax.lax.dynamic_index_in_dim(w.stack.reshape(-1, *w.stack.shape[2:]), w.index * num_experts + e, keepdims=False)
+        return jax.lax.dynamic_index_in_dim(w[...], e, keepdims=False)
+
+    def pair(n, y_td):
+        gate, up, down = (expert(w, flat[n]) for w in experts)
+        x_d = jax.lax.dynamic_index_in_dim(x_td, n // k, keepdims=False)
+        y_d = ((act(x_d @ gate) * (x_d @ up)) @ down) * weights[n]
+        return jax.lax.dynamic_update_index_in_dim(y_td, y_td[n // k] + y_d.astype(y_td.dtype), n // k, 0)
+
+    return jax.lax.fori_loop(0, t * k, pair, jnp.zeros_like(x_td))
 
 
 def _gathered(x_td, experts_tk, weights_tk, experts, act) -> jax.Array:
