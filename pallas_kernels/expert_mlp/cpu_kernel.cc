@@ -94,58 +94,41 @@ void matmul(const float* x, int64_t rows, int64_t k, const float* const* w, int6
   }
 }
 
-// Few rows: per input feature, the matrix row scaled into each row's accumulator; the weights
-// stream row after row, contiguous, which the register tiles' column panels do not.
-void axpy_expert(const Problem& p, Item& item) {
-  const int64_t r = static_cast<int64_t>(item.rows.size()), d = p.hidden, f = p.ffn;
-  const float* g = p.gate + item.expert * d * f;
-  const float* u = p.up + item.expert * d * f;
-  const float* dn = p.down + item.expert * f * d;
-  std::vector<float> hg(r * f, 0.f), hu(r * f, 0.f);
-  for (int64_t i = 0; i < d; ++i) {
-    const float* gi = g + i * f;
-    const float* ui = u + i * f;
-    for (int64_t j = 0; j < r; ++j) {
-      const float xv = p.x[item.rows[j] * d + i];
-      float* hgj = hg.data() + j * f;
-      float* huj = hu.data() + j * f;
+// Few rows: out[m] = x @ w[m] with each matrix row scaled into every row's accumulator, so the
+// weights stream row after row, contiguous, which the register tiles' column panels do not.
+template <int NB>
+void axpy_matmul(const float* x, int64_t rows, int64_t k, const float* const* w, int64_t n, float* const* out) {
+  for (int m = 0; m < NB; ++m) std::fill(out[m], out[m] + rows * n, 0.f);
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float xv = x[r * k + i];
+      for (int m = 0; m < NB; ++m) {
+        const float* wi = w[m] + i * n;
+        float* o = out[m] + r * n;
 #pragma omp simd
-      for (int64_t c = 0; c < f; ++c) {
-        hgj[c] += xv * gi[c];
-        huj[c] += xv * ui[c];
+        for (int64_t c = 0; c < n; ++c) o[c] += xv * wi[c];
       }
-    }
-  }
-  for (int64_t n = 0; n < r * f; ++n) hg[n] = silu(hg[n]) * hu[n];
-  item.y.assign(r * d, 0.f);
-  for (int64_t c = 0; c < f; ++c) {
-    const float* dc = dn + c * d;
-    for (int64_t j = 0; j < r; ++j) {
-      const float hv = hg[j * f + c];
-      float* yj = item.y.data() + j * d;
-#pragma omp simd
-      for (int64_t o = 0; o < d; ++o) yj[o] += hv * dc[o];
     }
   }
 }
 
-// Below this many rows an expert takes the axpy form (`python -m ferrum_jax.bench moe-forms`).
+// From this many rows an expert takes the register tiles (`python -m ferrum_jax.bench moe-forms`).
 constexpr int64_t kTiledMinRows = 24;
 
 void run_expert(const Problem& p, Item& item) {
   const int64_t r = static_cast<int64_t>(item.rows.size()), d = p.hidden, f = p.ffn;
-  if (r < kTiledMinRows) return axpy_expert(p, item);
+  const bool tiled = r >= kTiledMinRows;
   std::vector<float> xs(r * d);
   for (int64_t j = 0; j < r; ++j) std::copy_n(p.x + item.rows[j] * d, d, xs.data() + j * d);
   std::vector<float> hg(r * f), hu(r * f);
   const float* gate_up[2] = {p.gate + item.expert * d * f, p.up + item.expert * d * f};
   float* h[2] = {hg.data(), hu.data()};
-  matmul<2>(xs.data(), r, d, gate_up, f, h);
+  (tiled ? matmul<2> : axpy_matmul<2>)(xs.data(), r, d, gate_up, f, h);
   for (int64_t n = 0; n < r * f; ++n) hg[n] = silu(hg[n]) * hu[n];
-  item.y.assign(r * d, 0.f);
+  item.y.resize(r * d);
   const float* down[1] = {p.down + item.expert * f * d};
   float* y[1] = {item.y.data()};
-  matmul<1>(hg.data(), r, f, down, d, y);
+  (tiled ? matmul<1> : axpy_matmul<1>)(hg.data(), r, f, down, d, y);
 }
 
 struct Shared {
